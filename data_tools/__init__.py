@@ -1,0 +1,1 @@
+"""Dataset tools: atomic shard writer, synthetic demo dataset, WordPiece vocab training, `dualenc-data` CLI."""

@@ -1,0 +1,153 @@
+"""Train a WordPiece vocabulary on the captions in tar shards (ALIGN trained its own vocab).
+
+The result is saved with ``save_pretrained`` so ``AutoTokenizer.from_pretrained(dir,
+local_files_only=True)`` loads it offline, with [PAD]=0 and [CLS] ... [SEP] added on encode.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from braceexpand import braceexpand
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes the ids: [PAD] = 0
+
+
+def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Resolve shard specs to a list of existing tar files.
+
+    Each spec may be a file, a directory (all ``*.tar`` inside, sorted), a glob, or a brace
+    pattern such as ``dir/shard-{00000..00005}.tar``. Raises FileNotFoundError if a spec
+    matches nothing.
+    """
+    specs = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    if not specs:
+        raise FileNotFoundError("no shards given; pass a file, directory, glob or brace pattern")
+    paths: list[str] = []
+    for spec in specs:
+        spec = os.fspath(spec)
+        found: list[str] = []
+        for item in braceexpand(spec):
+            if os.path.isdir(item):
+                found.extend(sorted(glob.glob(os.path.join(glob.escape(item), "*.tar"))))
+            elif glob.has_magic(item):
+                found.extend(sorted(p for p in glob.glob(item) if os.path.isfile(p)))
+            elif os.path.isfile(item):
+                found.append(item)
+            else:
+                raise FileNotFoundError(f"shard {item!r} (from {spec!r}) does not exist; check the path or pattern")
+        if not found:
+            raise FileNotFoundError(f"shards pattern {spec!r} matched no shard file; check the path or pattern")
+        paths.extend(found)
+    return paths
+
+
+def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
+    """Yield the ``.txt`` captions of the given shards, in shard order; non-UTF-8 ones are skipped."""
+    for path in expand_shards(shards):
+        # Stream mode: reads the tar sequentially and never loads non-.txt payloads into memory.
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".txt"):
+                    continue
+                f = tar.extractfile(member)
+                if f is None:
+                    continue
+                try:
+                    text = f.read().decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    continue
+                if text:
+                    yield text
+
+
+def train_wordpiece(
+    captions: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 1000,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    model_max_length: int = 77,
+    overwrite: bool = False,
+) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer on ``captions`` and save it to ``out_dir``.
+
+    Written to a temporary sibling directory and renamed into place, so ``out_dir`` is either
+    the complete tokenizer or untouched.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size={vocab_size} is too small; use at least a few hundred")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another directory")
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+
+    n = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n
+        for text in captions:
+            n += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if n == 0:
+        raise ValueError("no captions to train on; check that the shards contain .txt members")
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+
+    hf = BertTokenizerFast(
+        tokenizer_object=tok,
+        do_lower_case=lowercase,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(tmp)
+        if out.exists():
+            # Swap: move the old dir aside first so a failure never leaves neither in place.
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return hf

@@ -1,0 +1,70 @@
+"""Safe per-sample decoding: only the keys we use, never unpickling, skipping and counting bad samples."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from typing import Any
+
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SampleDecoder:
+    """Raw webdataset sample (``{"__key__": ..., "jpg": bytes, ...}``) -> ``{"image", "text"[, "label"]}``.
+
+    Returns None for a sample to skip, and counts why in ``skipped`` (per worker process).
+    """
+
+    def __init__(self, caption_key: str | None = "txt", label_key: str | None = None,
+                 image_keys: tuple[str, ...] = IMAGE_EXTS, max_pixels: int = 89_478_485) -> None:
+        self.caption_key = caption_key
+        self.label_key = label_key
+        self.image_keys = image_keys
+        self.max_pixels = max_pixels  # PIL's own decompression-bomb default
+        self.skipped: Counter[str] = Counter()
+
+    def wanted(self, member_name: str) -> bool:
+        """Which tar members to read at all; everything else (e.g. .pyd/.pth) is never extracted."""
+        ext = member_name.rsplit(".", 1)[-1].lower() if "." in member_name else ""
+        return ext in self.image_keys or ext in (self.caption_key, self.label_key)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key = next((k for k in self.image_keys if k in sample), None)
+        if key is None:
+            return self._skip("missing_image")
+        text = None
+        if self.caption_key:
+            raw = sample.get(self.caption_key)
+            if raw is None:
+                return self._skip("missing_caption")
+            try:
+                text = raw.decode("utf-8").strip() if isinstance(raw, bytes) else str(raw).strip()
+            except UnicodeDecodeError:
+                return self._skip("non_utf8_caption")
+            if not text:
+                return self._skip("empty_caption")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(sample[key]))
+                if img.width * img.height > self.max_pixels:
+                    return self._skip("too_many_pixels")
+                img = img.convert("RGB")  # forces the full decode: truncated files fail here
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return self._skip("too_many_pixels")
+        except Exception:  # noqa: BLE001 - any decoder failure means a corrupt image
+            return self._skip("corrupt_image")
+        out: dict[str, Any] = {"__key__": sample.get("__key__"), "image": img, "text": text}
+        if self.label_key:
+            try:
+                out["label"] = int(sample[self.label_key].decode("utf-8").strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                return self._skip("bad_label")
+        return out
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        return None

@@ -1,0 +1,58 @@
+"""Turning a shard spec (paths, brace patterns, globs, directories, pipe:/URLs) into a list of URLs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+REMOTE_PREFIXES = ("pipe:", "s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://")
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Expand ``spec`` into shard URLs; local patterns must match files.
+
+    ``spec`` is a list, or a string of ``::``-separated parts; each part is a brace pattern
+    (``dir/{00000..00099}.tar``), a glob, a directory (all ``*.tar`` in it) or a remote URL / ``pipe:``
+    command (passed through as is; read lazily by webdataset/fsspec).
+    """
+    parts = spec if isinstance(spec, list) else [p for p in str(spec).split("::") if p]
+    urls: list[str] = []
+    for part in parts:
+        if part.startswith(REMOTE_PREFIXES):
+            urls.extend(braceexpand(part))
+            continue
+        found: list[str] = []
+        for item in braceexpand(os.path.expanduser(part)):
+            if os.path.isdir(item):
+                found.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+            elif any(c in item for c in "*?["):
+                found.extend(sorted(glob.glob(item)))
+            elif os.path.isfile(item):
+                found.append(item)
+        if not found:
+            raise FileNotFoundError(f"shard pattern {part!r} matches no file; check the path, or use a brace "
+                                    "pattern like 'data/{00000..00099}.tar', a glob, or a directory of .tar files")
+        urls.extend(found)
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in ``urls`` from the ``sizes.json`` beside them (img2dataset/dualenc layout), else None."""
+    sizes: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            return None
+        folder = str(Path(url).parent)
+        if folder not in sizes:
+            f = Path(folder) / "sizes.json"
+            sizes[folder] = json.loads(f.read_text()) if f.is_file() else {}
+        n = sizes[folder].get(Path(url).name)
+        if n is None:
+            return None
+        total += int(n)
+    return total

@@ -1,0 +1,68 @@
+"""Zero-shot classification: class names x prompt templates, prompt ensembling, top-k accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+
+from dualenc.model import DualEncoder
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty stripped lines of a text file (class names, templates)."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def check_templates(templates: list[str]) -> None:
+    bad = [t for t in templates if "{c}" not in t]
+    if not templates or bad:
+        raise ValueError(f"every prompt template needs '{{c}}' where the class name goes; bad: {bad or 'none given'}")
+
+
+@torch.no_grad()
+def build_classifier(model: DualEncoder, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+                     classnames: list[str], templates: list[str], device: torch.device | str = "cpu",
+                     batch_size: int = 256) -> torch.Tensor:
+    """(C, D) class embeddings: mean of each class's normalized prompt embeddings, renormalized."""
+    check_templates(templates)
+    if not classnames:
+        raise ValueError("no class names given")
+    prompts = [t.replace("{c}", c) for c in classnames for t in templates]
+    chunks = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenize(prompts[i : i + batch_size])
+        chunks.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+    emb = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model: DualEncoder, batches: Iterable[dict[str, Any]], classifier: torch.Tensor,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1, top-5 and mean per-class recall of ``classifier`` on labelled image batches."""
+    n = classifier.shape[0]
+    metrics = {
+        "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+        "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
+        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro"),
+    }
+    seen = 0
+    for batch in batches:
+        logits = model.encode_image(batch["image"].to(device)) @ classifier.T
+        labels = batch["label"].to(device)
+        if int(labels.max()) >= n:
+            raise ValueError(f"label {int(labels.max())} is out of range for {n} class names")
+        for m in metrics.values():
+            m.update(logits.cpu(), labels.cpu())
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError("the evaluation set is empty: no labelled image was read")
+    out = {k: float(m.compute()) for k, m in metrics.items()}
+    out["samples"] = seen
+    out["classes"] = n
+    return out

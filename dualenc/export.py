@@ -1,0 +1,77 @@
+"""Export a trained DualEncoder as safetensors + a JSON config, and load it back with one call."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dualenc.model import DualEncoder
+from dualenc.towers import TOWERS, tower_name
+
+FORMAT = "dualenc-export/1"
+
+
+def export_model(model: DualEncoder, out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ side files such as the tokenizer) into ``out_dir``.
+
+    The directory is assembled under a temporary name and renamed into place, so a crash never
+    leaves a half-written export; an existing export at ``out_dir`` is replaced.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        config = {
+            "format": FORMAT,
+            "image_tower": {"name": tower_name(model.image_tower), "kwargs": model.image_tower.export_config(tmp)},
+            "text_tower": {"name": tower_name(model.text_tower), "kwargs": model.text_tower.export_config(tmp)},
+            "model": model.config,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _resolve_paths(kwargs: dict[str, Any], root: Path) -> dict[str, Any]:
+    # Side files (e.g. "tokenizer") are stored relative to the export directory.
+    out = dict(kwargs)
+    for key in ("tokenizer", "model"):
+        if isinstance(out.get(key), str) and (root / out[key]).exists():
+            out[key] = str(root / out[key])
+    return out
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> DualEncoder:
+    """Rebuild a ``DualEncoder`` from an ``export_model`` directory (no network, no unpickling)."""
+    root = Path(path)
+    cfg_file, weights = root / "config.json", root / "model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{root} is not a dualenc export: it needs config.json and model.safetensors "
+                                "(made by `dualenc export` or the ExportOnFitEnd callback)")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    towers = {}
+    for side in ("image_tower", "text_tower"):
+        spec = config[side]
+        towers[side] = TOWERS.get(spec["name"])(**_resolve_paths(spec["kwargs"], root))
+    model = DualEncoder(towers["image_tower"], towers["text_tower"], **config["model"])
+    state = load_file(str(weights), device=str(map_location))
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,153 @@
+"""The LightningModule: receives its model, picks a loss by name, one shared step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from dualenc.distributed import gather_features
+from dualenc.losses import get_loss
+from dualenc.model import DualEncoder
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. Norms, biases, the temperature and the logit bias get no weight decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    fused: bool | None = None  # None: fused on CUDA, plain elsewhere
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` (ALIGN: linear decay)."""
+
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None  # default: the Trainer's estimate
+
+
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+class DualEncoderModule(L.LightningModule):
+    """Trains a ``DualEncoder`` with a contrastive loss chosen by name.
+
+    Args:
+        model: the dual encoder (towers, projections, temperature).
+        loss: ``contrastive`` (aliases ``clip``, ``align``) or ``siglip``.
+        label_smoothing: for the softmax loss (ALIGN used 0.1).
+        optimizer / scheduler: see ``OptimizerConfig`` / ``SchedulerConfig``.
+        lock_image / lock_text: freeze a tower LiT-style; the value is how many of its last layer
+            groups stay trainable (0 = fully frozen); ``None`` trains the whole tower.
+        grad_checkpointing: recompute activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        loss: str = "contrastive",
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        lock_image: int | None = None,
+        lock_text: int | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        # The model object itself is not a hyperparameter: it must not be pickled into checkpoints.
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.loss_name = loss
+        self.loss_spec = get_loss(loss)
+        if self.loss_spec.uses_bias and model.logit_bias is None:
+            raise ValueError(f"loss {loss!r} needs a learnable logit bias: set model.init_logit_bias "
+                             f"(e.g. {self.loss_spec.init_logit_bias})")
+        self.label_smoothing = label_smoothing
+        self.optim_cfg = optimizer or OptimizerConfig()
+        self.sched_cfg = scheduler or SchedulerConfig()
+        if self.sched_cfg.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"scheduler.decay must be cosine, linear or constant, got {self.sched_cfg.decay!r}")
+        if lock_image is not None:
+            model.image_tower.lock(lock_image)
+        if lock_text is not None:
+            model.text_tower.lock(lock_text)
+        if grad_checkpointing:
+            model.image_tower.set_grad_checkpointing(True)
+            model.text_tower.set_grad_checkpointing(True)
+        self._skipped: dict[int, dict[str, int]] = {}
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        out = self(batch)
+        all_img, all_txt, offset = gather_features(out.image_features, out.text_features)
+        kwargs = {"label_smoothing": self.label_smoothing} if self.loss_name != "siglip" else {}
+        loss = self.loss_spec.fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
+                                 all_image_features=all_img, all_text_features=all_txt, offset=offset, **kwargs)
+        bs = batch["image"].shape[0]
+        train = stage == "train"
+        # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=not train)
+        if train:
+            self.log("train/temperature", 1.0 / out.logit_scale.detach(), batch_size=bs)
+            self.log("train/logit_scale", out.logit_scale.detach(), batch_size=bs)
+            if out.logit_bias is not None:
+                self.log("train/logit_bias", out.logit_bias.detach(), batch_size=bs)
+        self._skipped[batch.get("worker", 0)] = batch.get("skipped", {})
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self(batch)
+        return {"key": batch.get("key"), "image_embeddings": out.image_features, "text_embeddings": out.text_features}
+
+    def on_train_epoch_end(self) -> None:
+        totals: dict[str, int] = {}
+        for counts in self._skipped.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason, n in totals.items():
+            self.log(f"data/skipped_{reason}", float(n), sync_dist=True, reduce_fx="sum")
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        no_decay = self.model.no_weight_decay()
+        decay, plain = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (plain if name in no_decay else decay).append(p)
+        fused = cfg.fused if cfg.fused is not None else torch.cuda.is_available()
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
+        )
+        s = self.sched_cfg
+        total = s.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = LambdaLR(opt, lambda step: lr_lambda(step, s.warmup_steps, total, s.decay, s.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
