@@ -7,7 +7,6 @@ first and the file's keys override it, so each shipped config is a short overrid
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -63,7 +62,7 @@ def expand_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def make_cli(args: list[str] | None, run: bool = True):
+def make_cli(args: list[str], run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from dualenc.data.datamodule import WebDataModule
@@ -72,7 +71,7 @@ def make_cli(args: list[str] | None, run: bool = True):
     return LightningCLI(
         DualEncoderModule,
         WebDataModule,
-        args=expand_config_args(args) if args is not None else None,
+        args=expand_config_args(args or []),
         run=run,
         auto_configure_optimizers=False,  # the module owns its optimizer (decay groups, schedule)
         save_config_kwargs={"overwrite": True},
@@ -99,56 +98,27 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-def cmd_zeroshot(argv: list[str]) -> int:
-    """dualenc zeroshot --model EXPORT_DIR --data SHARDS [--classnames F --templates F]"""
-    import torch
+def extra_commands() -> dict[str, Callable[[list[str]], int]]:
+    """Subcommands beside LightningCLI's: name -> ``main(argv) -> exit code``."""
+    from dualenc.eval.commands import COMMANDS as EVAL_COMMANDS
 
-    from dualenc.data.datamodule import eval_loader
-    from dualenc.eval.zeroshot import build_classifier, evaluate, read_lines
-    from dualenc.export import load_model
-
-    p = argparse.ArgumentParser(prog="dualenc zeroshot", description="Zero-shot classification of labelled "
-                                "image shards (CLIP_benchmark layout: .jpg + .cls, classnames.txt and "
-                                "zeroshot_classification_templates.txt beside the shards).")
-    p.add_argument("--model", required=True, help="a dualenc export directory")
-    p.add_argument("--data", required=True, help="shard spec (directory, brace pattern, glob)")
-    p.add_argument("--classnames", help="one class name per line (default: classnames.txt in --data)")
-    p.add_argument("--templates", help="one template with {c} per line "
-                   "(default: zeroshot_classification_templates.txt in --data)")
-    p.add_argument("--name", default=None, help="dataset name for the printed line")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    a = p.parse_args(argv)
-    folder = Path(a.data) if Path(a.data).is_dir() else Path(a.data).parent
-    classnames = read_lines(a.classnames or folder / "classnames.txt")
-    templates = read_lines(a.templates or folder / "zeroshot_classification_templates.txt")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(a.model).to(device)
-    tokenize = model.text_tower.tokenizer_fn()
-    classifier = build_classifier(model, tokenize, classnames, templates, device)
-    loader = eval_loader(a.data, model.image_tower.data_config, a.batch_size, a.workers)
-    metrics = evaluate(model, loader, classifier, device)
-    name = a.name or folder.name
-    if a.json:
-        Path(a.json).write_text(json.dumps({"dataset": name, "model": str(a.model), "task": "zeroshot_classification",
-                                            "metrics": metrics}, indent=2))
-    print(f"zero-shot top-1 on {name}: {metrics['top1']:.2f} ({len(classnames)} classes, "
-          f"chance {1 / len(classnames):.2f})")
-    return 0
-
-
-EXTRA: dict[str, Callable[[list[str]], int]] = {"export": cmd_export, "zeroshot": cmd_zeroshot}
+    return {"export": cmd_export, **EVAL_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA:
-        return EXTRA[argv[0]](argv[1:])
+    extra = extra_commands()
+    if argv and argv[0] in extra:
+        return extra[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print("dualenc {fit,validate,test,predict} --config CFG.yaml ...  (LightningCLI)\n"
-              f"dualenc {{{','.join(EXTRA)}}} --help")
-    make_cli(argv)
+              f"dualenc {{{','.join(extra)}}} --help")
+    # LightningCLI warns when given args while sys.argv also has some; we always pass them explicitly.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        make_cli(argv)
+    finally:
+        sys.argv = saved
     return 0
 
 

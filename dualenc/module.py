@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from dualenc.distributed import gather_features
@@ -57,6 +58,9 @@ class DualEncoderModule(L.LightningModule):
         lock_image / lock_text: freeze a tower LiT-style; the value is how many of its last layer
             groups stay trainable (0 = fully frozen); ``None`` trains the whole tower.
         grad_checkpointing: recompute activations in backward to save memory.
+        plugins: training plugins (e.g. from ``dualenc.plugins``): modules with
+            ``training_losses(batch, output) -> dict[str, Tensor]`` whose terms (already weighted) are
+            added to the loss and logged; their trainable parameters are optimized with the model.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class DualEncoderModule(L.LightningModule):
         lock_image: int | None = None,
         lock_text: int | None = None,
         grad_checkpointing: bool = False,
+        plugins: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         # The model object itself is not a hyperparameter: it must not be pickled into checkpoints.
@@ -91,6 +96,10 @@ class DualEncoderModule(L.LightningModule):
         if grad_checkpointing:
             model.image_tower.set_grad_checkpointing(True)
             model.text_tower.set_grad_checkpointing(True)
+        self.plugins = nn.ModuleList(plugins or [])
+        for p in self.plugins:
+            if not callable(getattr(p, "training_losses", None)):
+                raise TypeError(f"plugin {type(p).__name__} has no training_losses(batch, output) method")
         self._skipped: dict[int, dict[str, int]] = {}
 
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -104,6 +113,10 @@ class DualEncoderModule(L.LightningModule):
                                  all_image_features=all_img, all_text_features=all_txt, offset=offset, **kwargs)
         bs = batch["image"].shape[0]
         train = stage == "train"
+        for plugin in self.plugins:
+            for name, term in plugin.training_losses(batch, out).items():
+                self.log(f"{stage}/{name}", term, batch_size=bs, sync_dist=not train)
+                loss = loss + term
         # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=not train)
         if train:
@@ -142,6 +155,9 @@ class DualEncoderModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (plain if name in no_decay else decay).append(p)
+        for p in self.plugins.parameters():  # plugin maps (e.g. an orthogonal Q) are not decayed
+            if p.requires_grad:
+                plain.append(p)
         fused = cfg.fused if cfg.fused is not None else torch.cuda.is_available()
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
