@@ -41,6 +41,11 @@ class ExportOnFitEnd(L.Callback):
         self.dirpath = dirpath  # default: <trainer.default_root_dir>/export
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.interrupted:
-            path = export_model(pl_module.model, Path(self.dirpath or Path(trainer.default_root_dir) / "export"))
+        if trainer.interrupted:
+            return
+        # Collective under FSDP/DeepSpeed (gathers the full state), so every rank calls it.
+        full = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            path = export_model(pl_module.model, Path(self.dirpath or Path(trainer.default_root_dir) / "export"), state)
             print(f"exported model to {path}")

@@ -18,8 +18,11 @@ from dualenc.towers import TOWERS, tower_name
 FORMAT = "dualenc-export/1"
 
 
-def export_model(model: DualEncoder, out_dir: str | Path) -> Path:
+def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ side files such as the tokenizer) into ``out_dir``.
+
+    ``state_dict`` overrides ``model.state_dict()``: sharded strategies (FSDP, DeepSpeed) pass the
+    gathered full state here.
 
     The directory is assembled under a temporary name and renamed into place, so a crash never
     leaves a half-written export; an existing export at ``out_dir`` is replaced.
@@ -35,7 +38,8 @@ def export_model(model: DualEncoder, out_dir: str | Path) -> Path:
             "model": model.config,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -133,7 +134,9 @@ class WebDataModule(L.LightningDataModule):
         pipeline = wds.DataPipeline(*stages).repeat().with_epoch(nbatches=per_worker)
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
                                persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-        return loader.with_length(per_worker * workers)
+        with warnings.catch_warnings():  # it warns that __len__ is informative; ours is exact
+            warnings.simplefilter("ignore", UserWarning)
+            return loader.with_length(per_worker * workers)
 
     def train_dataloader(self) -> wds.WebLoader:
         if not self.train_urls:
