@@ -1,0 +1,48 @@
+"""Helpers shared by the end-to-end tests (tiny demo data and a tiny training config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_tiny_demo(root: Path) -> Path:
+    """A small demo dataset (32 px) with its own WordPiece vocab."""
+    from dualenc.data_tools.demo import build_demo
+    from dualenc.data_tools.tokenizer import iter_captions, train_wordpiece
+
+    build_demo(root, n_train=384, n_val=128, n_heldout=96, image_size=32, shard_size=96, seed=1)
+    train_wordpiece(iter_captions(str(root / "train")), root / "tokenizer", vocab_size=300)
+    return root
+
+
+def tiny_config(tmp: Path, data: Path, **trainer) -> Path:
+    """configs/demo.yaml with tiny towers, checkpoints every 2 steps and all outputs under ``tmp``."""
+    cfg = {
+        "__base__": str(REPO / "configs" / "demo.yaml"),
+        "trainer": {"default_root_dir": str(tmp / "run"), "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "num_sanity_val_steps": 0, **trainer,
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True, "every_n_train_steps": 2,
+                                       "save_top_k": -1}},
+                        {"class_path": "dualenc.callbacks.SamplesPerSecond"},
+                        {"class_path": "dualenc.callbacks.ExportOnFitEnd"}]},
+        "model": {"model": {"image_tower": {"class_path": "dualenc.towers.TimmImageTower",
+                                            "init_args": {"model_name": "test_efficientnet", "image_size": 32}},
+                            "text_tower": {"class_path": "dualenc.towers.HFTextTower",
+                                           "init_args": {"config": {"model_type": "bert", "hidden_size": 32,
+                                                                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                                    "intermediate_size": 64},
+                                                         "tokenizer": str(data / "tokenizer"),
+                                                         "context_length": 16}},
+                            "embed_dim": 16},
+                  "scheduler": {"warmup_steps": 2, "total_steps": 8}},
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "batch_size": 32, "num_workers": 1},
+    }
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
