@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,23 @@ class ExportOnFitEnd(L.Callback):
             state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             path = export_model(pl_module.model, Path(self.dirpath or Path(trainer.default_root_dir) / "export"), state)
             print(f"exported model to {path}")
+
+
+class SampleKeyLogger(L.Callback):
+    """Appends ``epoch<TAB>step<TAB>key key ...`` per training step to a file (rank 0's batch).
+
+    An audit trail of which samples each step saw: used to check data order, resumption and
+    duplicates. Each line is flushed and fsynced, so it survives the process being killed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not trainer.is_global_zero or "key" not in batch:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{trainer.current_epoch}\t{trainer.global_step}\t{' '.join(map(str, batch['key']))}\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -113,12 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("dualenc {fit,validate,test,predict} --config CFG.yaml ...  (LightningCLI)\n"
               f"dualenc {{{','.join(extra)}}} --help")
-    # LightningCLI warns when given args while sys.argv also has some; we always pass them explicitly.
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
+    # LightningCLI warns when given args while sys.argv has some too; ours are sys.argv with the
+    # __base__ chains expanded. sys.argv stays as it is: DDP relaunches the command from it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         make_cli(argv)
-    finally:
-        sys.argv = saved
     return 0
 
 

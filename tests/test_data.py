@@ -174,7 +174,7 @@ def test_every_rank_takes_the_same_number_of_steps(tmp_path: Path, monkeypatch, 
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
     dm = WebDataModule(train=str(tmp_path), batch_size=4, num_workers=0)
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
     dm.set_preprocessing(DATA_CONFIG, _tokenize)
     batches = list(dm.train_dataloader())
     assert len(batches) == 25 // (4 * 2)
@@ -186,7 +186,7 @@ def test_too_few_samples_or_shards_is_a_clear_error(tmp_path: Path) -> None:
     dm.set_preprocessing(DATA_CONFIG, _tokenize)
     with pytest.raises(ValueError, match="fewer than one batch"):
         dm.train_dataloader()
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, current_epoch=0)
     with pytest.raises(ValueError, match="every rank needs at least one shard"):
         dm.train_dataloader()
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +49,14 @@ def tiny_config(tmp: Path, data: Path, **trainer) -> Path:
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process once training reaches ``step``: a hard crash at a known point."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,62 +1,90 @@
-"""LightningDataModule over WebDataset shards of image/alt-text pairs (img2dataset layout)."""
+"""LightningDataModule over WebDataset-format shards of image/alt-text pairs (img2dataset layout)."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
 from dualenc.data.sources import count_samples, expand_urls
+from dualenc.data.stream import ShardStream, Source, StreamState
+from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, image_transform
 
 
-class _Apply:
-    """Picklable map stage: decode, drop skipped samples, transform the image."""
+@dataclass
+class SourceSpec:
+    """One entry of a weighted mixture of datasets."""
 
-    def __init__(self, decoder: SampleDecoder, transform: Callable) -> None:
-        self.decoder = decoder
-        self.transform = transform
+    shards: str  # paths, brace patterns, globs, directories, pipe: or fsspec URLs; '::' joins several
+    weight: float = 1.0
 
-    def __call__(self, source):
-        for raw in source:
-            sample = self.decoder(raw)
-            if sample is not None:
-                sample["image"] = self.transform(sample["image"])
-                yield sample
+
+class StreamLoader(DataLoader):
+    """DataLoader that hands the current epoch and any resume point to its stream before workers start.
+
+    Workers are not persistent: each epoch pickles the stream afresh with its new state.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, epoch_fn: Callable[[], int]) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                         prefetch_factor=4 if num_workers else None)
+        self.stream = stream
+        self.epoch_fn = epoch_fn
+        self.resume: StreamState | None = None
+        self._length = stream.batches_per_worker * max(1, num_workers)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch_fn()
+        resume, self.resume = self.resume, None
+        self.stream.state = resume if resume is not None and resume.epoch == epoch else StreamState(epoch=epoch)
+        return super().__iter__()
 
 
 class WebDataModule(L.LightningDataModule):
-    """Reads ``.jpg|.jpeg|.png|.webp`` + ``.txt`` samples from tar shards.
+    """Reads ``.jpg|.jpeg|.png|.webp`` + caption samples from tar shards; resumes exactly mid-epoch.
 
     Image transforms come from the image tower's timm data config and the tokenizer from the text
     tower, taken from the model being trained (or given with ``set_preprocessing``).
 
     Args:
-        train / val: shard specs: paths, ``dir/{00000..00099}.tar``, globs, directories, ``pipe:`` or
-            fsspec URLs; ``::`` joins several.
+        train: shard spec (paths, ``dir/{00000..00099}.tar``, globs, directories, ``pipe:`` or fsspec
+            URLs; ``::`` joins several) or a list of ``{shards, weight}`` sources mixed by weight.
+        val: shard spec for validation.
         batch_size: per-device batch size.
         num_workers: loader processes per device.
-        epoch_samples: samples per epoch over all ranks; defaults to the shards' ``sizes.json`` counts.
-        shuffle_buffer: in-memory sample shuffle (train only); shards are shuffled too.
-        caption_key: extension of the caption member.
+        epoch_samples: samples per epoch over all ranks; defaults to the shards' ``sizes.json`` (or
+            img2dataset ``*_stats.json``) counts.
+        shuffle_buffer: in-memory sample shuffle (train only); shard order is shuffled too. Seeded by
+            (seed, epoch, rank, worker).
+        resampled: draw shards with replacement instead of splitting them over ranks and workers.
+        caption_key: extension of the caption member (``txt``), or ``json`` with ``caption_field``.
+        caption_field: field of the JSON member holding the caption.
         crop_scale / hflip / color_jitter: training augmentation (timm's random resized crop).
+        max_pixels: larger images are skipped (decompression bombs).
         seed: shuffling seed.
     """
 
     def __init__(
         self,
-        train: str | None = None,
+        train: str | list[SourceSpec] | None = None,
         val: str | None = None,
         batch_size: int = 256,
         num_workers: int = 4,
         epoch_samples: int | None = None,
         val_samples: int | None = None,
         shuffle_buffer: int = 2000,
+        resampled: bool = False,
         caption_key: str = "txt",
+        caption_field: str | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         color_jitter: float | None = None,
@@ -64,20 +92,24 @@ class WebDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.train_spec, self.val_spec = train, val
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.epoch_samples, self.val_samples = epoch_samples, val_samples
-        self.shuffle_buffer = shuffle_buffer
-        self.caption_key = caption_key
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.decoder_args = dict(caption_key=caption_key, caption_field=caption_field, max_pixels=max_pixels)
         self.aug = dict(scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter)
-        self.max_pixels = max_pixels
         self.seed = seed
         self.data_config: dict[str, Any] | None = None
         self.tokenize: Callable | None = None
         # Fail at construction, not hours later, when a pattern matches nothing.
-        self.train_urls = expand_urls(train) if train else []
-        self.val_urls = expand_urls(val) if val else []
+        specs = [SourceSpec(train)] if isinstance(train, str) else [SourceSpec(**s) if isinstance(s, dict) else s
+                                                                     for s in (train or [])]
+        self.train_sources = [Source(expand_urls(s.shards), s.weight) for s in specs]
+        self.val_sources = [Source(expand_urls(val))] if val else []
+        self._consumed: dict[int, tuple[int, int]] = {}
+        self._consumed_epoch = -1
+        self._resume: dict[str, Any] | None = None
+        self._train_loader: StreamLoader | None = None
 
     def set_preprocessing(self, data_config: dict[str, Any], tokenize: Callable | None) -> None:
         self.data_config, self.tokenize = data_config, tokenize
@@ -94,17 +126,24 @@ class WebDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, urls: list[str], train: bool, samples: int | None, name: str) -> wds.WebLoader:
-        _, world = self._world()
-        if len(urls) < world:
-            raise ValueError(f"{name}: {len(urls)} shard(s) cannot feed {world} ranks; every rank needs at "
-                             "least one shard (write more, smaller shards)")
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def _loader(self, sources: list, train: bool, samples: int | None, name: str) -> StreamLoader:
+        rank, world = self._world()
+        fewest = min(len(s.urls) for s in sources)
+        if fewest < world and not self.resampled:
+            raise ValueError(f"{name}: {fewest} shard(s) cannot feed {world} ranks; every rank needs at least "
+                             "one shard of each source (write more, smaller shards, or set data.resampled)")
         # Each worker reads whole shards, so more workers than shards per rank would sit idle.
-        num_workers = min(self.num_workers, len(urls) // world)
+        num_workers = self.num_workers if self.resampled else min(self.num_workers, fewest // world)
         workers = max(1, num_workers)
-        samples = samples or count_samples(urls)
         if samples is None:
-            raise ValueError(f"{name}: no sizes.json beside the shards to count samples; set "
+            counts = [count_samples(s.urls) for s in sources]
+            samples = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        if samples is None:
+            raise ValueError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
                              f"data.{'epoch_samples' if train else 'val_samples'}")
         # Every worker of every rank yields exactly this many full batches (cycling its shards if
         # needed), so all ranks take the same number of steps and DDP never waits on a finished rank.
@@ -112,59 +151,103 @@ class WebDataModule(L.LightningDataModule):
         if per_worker == 0:
             raise ValueError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
                              f"worker on {world} rank(s) x {workers} worker(s); lower batch_size or num_workers")
-        decoder = SampleDecoder(caption_key=self.caption_key, max_pixels=self.max_pixels)
+        decoder = SampleDecoder(**self.decoder_args)
+        stream = ShardStream(
+            sources, decoder, decoder.wanted, decoder.skipped, image_transform(self.data_config, train=train, **self.aug),
+            Collate(self.tokenize, decoder.skipped), self.batch_size, per_worker, rank, world,
+            shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed)
+        return StreamLoader(stream, num_workers, self._epoch)
 
-        def on_tar_error(exc: Exception) -> bool:
-            decoder.skipped["corrupt_tar"] += 1
-            return True  # keep going with the next member/shard
-
-        stages: list[Any] = [wds.SimpleShardList(urls)]
-        if train:
-            stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=self.seed))
-        stages += [
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=on_tar_error, select_files=decoder.wanted),
-        ]
-        if train:
-            stages.append(wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, seed=self.seed))
-        transform = image_transform(self.data_config, train=train, **self.aug)
-        stages += [_Apply(decoder, transform),
-                   wds.batched(self.batch_size, collation_fn=Collate(self.tokenize, decoder.skipped), partial=False)]
-        pipeline = wds.DataPipeline(*stages).repeat().with_epoch(nbatches=per_worker)
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                               persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-        with warnings.catch_warnings():  # it warns that __len__ is informative; ours is exact
-            warnings.simplefilter("ignore", UserWarning)
-            return loader.with_length(per_worker * workers)
-
-    def train_dataloader(self) -> wds.WebLoader:
-        if not self.train_urls:
+    def train_dataloader(self) -> StreamLoader:
+        if not self.train_sources:
             raise ValueError("no training shards: set data.train")
-        return self._loader(self.train_urls, True, self.epoch_samples, "train")
+        loader = self._loader(self.train_sources, True, self.epoch_samples, "train")
+        loader.resume = self._resume_state(loader)
+        self._train_loader = loader
+        return loader
 
-    def val_dataloader(self) -> wds.WebLoader | list:
-        if not self.val_urls:
+    def val_dataloader(self) -> StreamLoader | list:
+        if not self.val_sources:
             return []
-        return self._loader(self.val_urls, False, self.val_samples, "val")
+        return self._loader(self.val_sources, False, self.val_samples, "val")
+
+    # -- exact resume --------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if isinstance(batch, dict) and "stream" in batch and trainer is not None and trainer.training:
+            epoch, worker, pos, made = (int(x) for x in batch["stream"])
+            if epoch != self._consumed_epoch:
+                self._consumed, self._consumed_epoch = {}, epoch
+            self._consumed[worker] = (pos, made)  # what the training loop has really consumed
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {"epoch": self._consumed_epoch,
+                 "positions": {w: p for w, (p, _) in self._consumed.items()},
+                 "batches": {w: m for w, (_, m) in self._consumed.items()}}
+        ranks = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Checkpoints are written by rank 0 but every rank's position is needed to resume;
+            # Lightning builds the checkpoint on every rank, so this collective is safe here.
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        workers = self._train_loader.num_workers if self._train_loader is not None else self.num_workers
+        return {"ranks": ranks, "num_workers": workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state
+
+    def _resume_state(self, loader: StreamLoader) -> StreamState | None:
+        state, self._resume = self._resume, None
+        if not state:
+            return None
+        rank, world = self._world()
+        if len(state["ranks"]) != world or state["num_workers"] != loader.num_workers:
+            warnings.warn(f"resuming with {world} rank(s) x {loader.num_workers} worker(s), the checkpoint had "
+                          f"{len(state['ranks'])} x {state['num_workers']}: the interrupted epoch's data restarts "
+                          "from its beginning", stacklevel=2)
+            return None
+        mine = state["ranks"][rank]
+        if mine["epoch"] < 0:
+            return None
+        return StreamState(epoch=mine["epoch"], positions={int(k): v for k, v in mine["positions"].items()},
+                           batches={int(k): v for k, v in mine["batches"].items()})
+
+
+class _EvalStream(IterableDataset):
+    """One ordered pass over evaluation shards, split by worker; the last batch may be partial."""
+
+    def __init__(self, urls: list[str], decoder: SampleDecoder, transform: Callable, collate: Callable,
+                 batch_size: int) -> None:
+        self.urls, self.decoder, self.transform, self.collate, self.batch_size = urls, decoder, transform, collate, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        batch = []
+        for url in self.urls[worker::workers]:
+            for raw in iter_samples(url, self.decoder.wanted, self.decoder.skipped):
+                sample = self.decoder(raw)
+                if sample is None:
+                    continue
+                sample["image"] = self.transform(sample["image"])
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch)
+                    batch = []
+        if batch:
+            yield self.collate(batch)
 
 
 def eval_loader(spec: str | list[str], data_config: dict[str, Any], batch_size: int = 256, num_workers: int = 2,
                 label_key: str | None = "cls", caption_key: str | None = None,
-                tokenize: Callable | None = None) -> wds.WebLoader:
-    """One ordered pass over evaluation shards (e.g. CLIP_benchmark layout: ``.jpg`` + ``.cls``)."""
+                tokenize: Callable | None = None) -> DataLoader:
+    """One pass over evaluation shards (e.g. CLIP_benchmark layout: ``.jpg`` + ``.cls``)."""
     urls = expand_urls(spec)
     decoder = SampleDecoder(caption_key=caption_key, label_key=label_key)
+    stream = _EvalStream(urls, decoder, image_transform(data_config, train=False),
+                         Collate(tokenize, decoder.skipped), batch_size)
+    return DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(urls)))
 
-    def on_tar_error(exc: Exception) -> bool:
-        decoder.skipped["corrupt_tar"] += 1
-        return True
 
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=on_tar_error, select_files=decoder.wanted),
-        _Apply(decoder, image_transform(data_config, train=False)),
-        wds.batched(batch_size, collation_fn=Collate(tokenize, decoder.skipped), partial=True),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(urls)))
+__all__ = ["SourceSpec", "StreamLoader", "WebDataModule", "eval_loader"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections import Counter
 from typing import Any
@@ -19,8 +20,10 @@ class SampleDecoder:
     """
 
     def __init__(self, caption_key: str | None = "txt", label_key: str | None = None,
-                 image_keys: tuple[str, ...] = IMAGE_EXTS, max_pixels: int = 89_478_485) -> None:
+                 image_keys: tuple[str, ...] = IMAGE_EXTS, max_pixels: int = 89_478_485,
+                 caption_field: str | None = None) -> None:
         self.caption_key = caption_key
+        self.caption_field = caption_field  # caption inside a JSON member (e.g. img2dataset's .json)
         self.label_key = label_key
         self.image_keys = image_keys
         self.max_pixels = max_pixels  # PIL's own decompression-bomb default
@@ -41,9 +44,16 @@ class SampleDecoder:
             if raw is None:
                 return self._skip("missing_caption")
             try:
-                text = raw.decode("utf-8").strip() if isinstance(raw, bytes) else str(raw).strip()
+                text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError:
                 return self._skip("non_utf8_caption")
+            if self.caption_field:
+                try:
+                    value = json.loads(text).get(self.caption_field)
+                except (ValueError, AttributeError):
+                    return self._skip("bad_json")
+                text = value if isinstance(value, str) else ""
+            text = text.strip()
             if not text:
                 return self._skip("empty_caption")
         try:

@@ -28,7 +28,7 @@ def expand_urls(spec: str | list[str]) -> list[str]:
         found: list[str] = []
         for item in braceexpand(os.path.expanduser(part)):
             if os.path.isdir(item):
-                found.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+                found.extend(sorted(glob.glob(os.path.join(glob.escape(item), "*.tar"))))
             elif any(c in item for c in "*?["):
                 found.extend(sorted(glob.glob(item)))
             elif os.path.isfile(item):
@@ -41,17 +41,21 @@ def expand_urls(spec: str | list[str]) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int | None:
-    """Samples in ``urls`` from the ``sizes.json`` beside them (img2dataset/dualenc layout), else None."""
+    """Samples in ``urls``, from ``sizes.json`` beside them or img2dataset's ``NNNNN_stats.json``; else None."""
     sizes: dict[str, dict[str, int]] = {}
     total = 0
     for url in urls:
         if url.startswith(REMOTE_PREFIXES):
             return None
-        folder = str(Path(url).parent)
+        path = Path(url)
+        folder = str(path.parent)
         if folder not in sizes:
             f = Path(folder) / "sizes.json"
             sizes[folder] = json.loads(f.read_text()) if f.is_file() else {}
-        n = sizes[folder].get(Path(url).name)
+        n = sizes[folder].get(path.name)
+        if n is None:
+            stats = path.with_name(path.name.split(".")[0] + "_stats.json")
+            n = json.loads(stats.read_text()).get("successes") if stats.is_file() else None
         if n is None:
             return None
         total += int(n)
