@@ -1,4 +1,4 @@
-"""``dualenc-data``: dataset tools (demo dataset, WordPiece vocab; more subcommands plug in below)."""
+"""``dualenc-data``: dataset tools (demo dataset, WordPiece vocab, build/filter/stats/dedupe shards)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,140 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="image folder (searched recursively); captions from same-stem .txt files "
+                     "and/or --captions")
+    src.add_argument("--table", help="CSV/TSV/parquet with an image path-or-URL column and a caption column")
+    p.add_argument("--captions", help="with --images: CSV/TSV/parquet mapping file name -> caption")
+    p.add_argument("--out", required=True, help="output directory; an interrupted build there is resumed")
+    p.add_argument("--image-col", help="column of image paths/URLs (default: first of image, file_name, ..., url)")
+    p.add_argument("--caption-col", help="column of captions (default: first of caption, text, alt, ...)")
+    p.add_argument("--image-root", help="with --table: folder relative image paths start from (default: the table's)")
+    p.add_argument("--delimiter", help="CSV delimiter (default: tab for .tsv, else comma)")
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard")
+    p.add_argument("--prefix", default="shard", help="shard file prefix")
+    p.add_argument("--download-processes", type=int, default=1, help="img2dataset processes for URL rows")
+    p.add_argument("--download-threads", type=int, default=16, help="img2dataset threads for URL rows")
+    p.add_argument("--overwrite", action="store_true", help="rebuild an earlier build in --out from scratch")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from .build import build_dataset
+
+    t0 = time.perf_counter()
+    report = build_dataset(
+        args.out, images=args.images, captions=args.captions, table=args.table, image_col=args.image_col,
+        caption_col=args.caption_col, image_root=args.image_root, delimiter=args.delimiter,
+        shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite,
+        download_processes=args.download_processes, download_threads=args.download_threads,
+    )
+    run = report["this_run"]
+    skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+    print(f"{report['written']} of {report['rows']} samples in {len(report['shards'])} shard(s) "
+          f"({len(run['built'])} written now, {len(run['reused'])} already done); skipped: {skipped}")
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s; report: {args.out}/build_report.json")
+    return 0
+
+
+def _add_filter(p: argparse.ArgumentParser) -> None:
+    from .filter import RULES
+
+    p.add_argument("--shards", required=True, help="input: tar file, directory, glob or brace pattern (never modified)")
+    p.add_argument("--out", required=True, help="output directory for the filtered shards and filter_report.json")
+    p.add_argument("--min-side", type=int, default=200, help="drop images whose shorter side is below this (px)")
+    p.add_argument("--max-aspect", type=float, default=3.0, help="drop images with long/short side above this")
+    p.add_argument("--max-caption-shares", type=int, default=10, help="drop alt-texts shared by more images than this")
+    p.add_argument("--top-ngrams", type=int, default=100_000_000,
+                   help="drop captions with a unigram/bigram outside the N most frequent (ALIGN: 100M of 1.8B pairs)")
+    p.add_argument("--min-words", type=int, default=3, help="drop captions with fewer unigrams")
+    p.add_argument("--max-words", type=int, default=20, help="drop captions with more unigrams")
+    p.add_argument("--boilerplate-regex", action="append", default=[], metavar="REGEX",
+                   help="extra boilerplate caption pattern (re.search, case-insensitive); repeatable")
+    p.add_argument("--no-default-boilerplate", action="store_true",
+                   help="use only --boilerplate-regex patterns, not the built-in file-name/thumbnail ones")
+    p.add_argument("--disable", action="append", default=[], choices=RULES, metavar="RULE",
+                   help=f"turn a rule off; repeatable; one of {', '.join(RULES)}")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier filter output in --out")
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from .filter import DEFAULT_BOILERPLATE, FilterConfig, filter_shards
+
+    patterns = ([] if args.no_default_boilerplate else list(DEFAULT_BOILERPLATE)) + args.boilerplate_regex
+    config = FilterConfig(min_side=args.min_side, max_aspect=args.max_aspect,
+                          max_caption_shares=args.max_caption_shares, top_ngrams=args.top_ngrams,
+                          min_words=args.min_words, max_words=args.max_words, boilerplate=patterns)
+    config.disable(args.disable)
+    report = filter_shards(args.shards, args.out, config, shard_size=args.shard_size, overwrite=args.overwrite)
+    n = report["input"]["samples"]
+    print(f"kept {report['kept']} of {n} samples; dropped {report['dropped']['total']}:")
+    for rule, count in report["dropped"]["first_rule"].items():
+        total = report["dropped"]["by_rule"][rule]
+        print(f"  {rule:18s} {count:8d}  (rule alone: {total})")
+    print(f"wrote {len(report['output']['shards'])} shard(s) to {args.out}; report: {args.out}/filter_report.json")
+    return 0
+
+
+def _add_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, help="tar file, directory, glob or brace pattern")
+    p.add_argument("--out", required=True, help="directory for stats.json and the PNG plots")
+    p.add_argument("--top-k", type=int, default=20, help="most repeated captions to list")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--write-sizes", action="store_true", default=None,
+                       help="write/refresh sizes.json beside the shards even if one exists (default: only if missing)")
+    sizes.add_argument("--no-write-sizes", dest="write_sizes", action="store_false",
+                       help="never write sizes.json beside the shards")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from .stats import shard_stats
+
+    stats = shard_stats(args.shards, args.out, top_k=args.top_k, write_sizes=args.write_sizes, plots=not args.no_plots)
+    side = stats["shorter_side"]["summary"] or {}
+    words = stats["caption_words"]["summary"] or {}
+    print(f"{stats['samples']} samples in {stats['shards']} shard(s); median shorter side {side.get('median')} px, "
+          f"median caption {words.get('median')} words; problems: {stats['problems'] or 'none'}")
+    for folder, entry in stats["sizes_json"].items():
+        if entry["written"]:
+            print(f"wrote {folder}/sizes.json")
+        elif "hint" in entry:
+            print(f"{folder}: {entry['hint']}")
+    print(f"wrote {args.out}/stats.json" + ("" if args.no_plots else " and plots"))
+    return 0
+
+
+def _add_dedupe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="training shards: tar file, directory, glob or brace pattern")
+    p.add_argument("--eval", required=True, action="append", dest="eval_sets", metavar="SPEC",
+                   help="evaluation set: shard spec or image folder; repeatable")
+    p.add_argument("--out", required=True, help="output directory for the deduplicated shards and dedupe_report.json")
+    p.add_argument("--threshold", type=int, default=8, help="max Hamming distance (of 64 bits) counted as a duplicate")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dedupe output in --out")
+
+
+def _run_dedupe(args: argparse.Namespace) -> int:
+    from .dedupe import dedupe_shards
+
+    report = dedupe_shards(args.train, args.eval_sets, args.out, threshold=args.threshold,
+                           shard_size=args.shard_size, overwrite=args.overwrite)
+    t = report["train"]
+    print(f"{report['eval']['images']} eval image(s) hashed; kept {t['kept']} of {t['samples']} training samples, "
+          f"dropped {t['dropped']} near-duplicate(s) (threshold {report['threshold']} bits)")
+    print(f"wrote {args.out}; report: {args.out}/dedupe_report.json")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": ("build the synthetic color/shape demo dataset", _add_demo, _run_demo),
     "tokenizer": ("train a WordPiece vocab on shard captions", _add_tokenizer, _run_tokenizer),
+    "build": ("build shards from an image folder or a CSV/TSV/parquet table (resumable)", _add_build, _run_build),
+    "filter": ("filter shards with ALIGN's image and alt-text rules", _add_filter, _run_filter),
+    "stats": ("dataset statistics of shards: histograms, top captions, sizes.json", _add_stats, _run_stats),
+    "dedupe": ("drop training images that near-duplicate an evaluation set", _add_dedupe, _run_dedupe),
 }
 
 
@@ -96,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
         # Expected user errors: one line, no traceback.
+        print(f"dualenc-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        from .shards import MissingDependencyError
+
+        if not isinstance(e, MissingDependencyError):
+            raise
         print(f"dualenc-data {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,47 +6,22 @@ local_files_only=True)`` loads it offline, with [PAD]=0 and [CLS] ... [SEP] adde
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from braceexpand import braceexpand
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+# Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
+# adds the data tools' strictness); re-exported here for existing callers.
+from .shards import expand_shards
+
+__all__ = ["SPECIAL_TOKENS", "expand_shards", "iter_captions", "train_wordpiece"]
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes the ids: [PAD] = 0
-
-
-def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Resolve shard specs to a list of existing tar files.
-
-    Each spec may be a file, a directory (all ``*.tar`` inside, sorted), a glob, or a brace
-    pattern such as ``dir/shard-{00000..00005}.tar``. Raises FileNotFoundError if a spec
-    matches nothing.
-    """
-    specs = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
-    if not specs:
-        raise FileNotFoundError("no shards given; pass a file, directory, glob or brace pattern")
-    paths: list[str] = []
-    for spec in specs:
-        spec = os.fspath(spec)
-        found: list[str] = []
-        for item in braceexpand(spec):
-            if os.path.isdir(item):
-                found.extend(sorted(glob.glob(os.path.join(glob.escape(item), "*.tar"))))
-            elif glob.has_magic(item):
-                found.extend(sorted(p for p in glob.glob(item) if os.path.isfile(p)))
-            elif os.path.isfile(item):
-                found.append(item)
-            else:
-                raise FileNotFoundError(f"shard {item!r} (from {spec!r}) does not exist; check the path or pattern")
-        if not found:
-            raise FileNotFoundError(f"shards pattern {spec!r} matched no shard file; check the path or pattern")
-        paths.extend(found)
-    return paths
 
 
 def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
