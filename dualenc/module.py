@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from dualenc.distributed import gather_features
+from dualenc.distributed import gather_features, world_info
+from dualenc.gradcache import grad_cache_backward
 from dualenc.losses import get_loss
 from dualenc.model import DualEncoder
 
@@ -61,6 +63,12 @@ class DualEncoderModule(L.LightningModule):
         plugins: training plugins (e.g. from ``dualenc.plugins``): modules with
             ``training_losses(batch, output) -> dict[str, Tensor]`` whose terms (already weighted) are
             added to the loss and logged; their trainable parameters are optimized with the model.
+        compile_towers: ``torch.compile`` each tower (in place, so checkpoint keys do not change).
+        grad_cache_chunks: gradient cache: embed the batch in this many chunks and recompute each
+            chunk's graph in backward, so the contrastive batch can exceed activation memory while
+            gradients equal the full batch's. Uses manual optimization: set the clipping value with
+            ``grad_cache_clip`` (Lightning's ``gradient_clip_val`` must stay unset).
+        grad_cache_clip: gradient-norm clipping under the gradient cache.
     """
 
     def __init__(
@@ -74,6 +82,9 @@ class DualEncoderModule(L.LightningModule):
         lock_text: int | None = None,
         grad_checkpointing: bool = False,
         plugins: list[nn.Module] | None = None,
+        compile_towers: bool = False,
+        grad_cache_chunks: int | None = None,
+        grad_cache_clip: float | None = None,
     ) -> None:
         super().__init__()
         # The model object itself is not a hyperparameter: it must not be pickled into checkpoints.
@@ -100,35 +111,79 @@ class DualEncoderModule(L.LightningModule):
         for p in self.plugins:
             if not callable(getattr(p, "training_losses", None)):
                 raise TypeError(f"plugin {type(p).__name__} has no training_losses(batch, output) method")
+        if grad_cache_chunks is not None:
+            if grad_cache_chunks < 1:
+                raise ValueError(f"grad_cache_chunks must be >= 1, got {grad_cache_chunks}")
+            if len(self.plugins):
+                raise ValueError("grad_cache_chunks cannot be combined with training plugins yet")
+            self.automatic_optimization = False
+        self.grad_cache_chunks = grad_cache_chunks
+        self.grad_cache_clip = grad_cache_clip
+        if compile_towers:
+            model.image_tower.compile()
+            model.text_tower.compile()
         self._skipped: dict[int, dict[str, int]] = {}
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
 
+    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                         logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
+        """The configured loss of this rank's rows against the batch gathered from all ranks."""
+        all_img, all_txt, offset = gather_features(image_features, text_features)
+        kwargs = {"label_smoothing": self.label_smoothing} if not self.loss_spec.uses_bias else {}
+        return self.loss_spec.fn(image_features, text_features, logit_scale, logit_bias,
+                                 all_image_features=all_img, all_text_features=all_txt, offset=offset, **kwargs)
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         out = self(batch)
-        all_img, all_txt, offset = gather_features(out.image_features, out.text_features)
-        kwargs = {"label_smoothing": self.label_smoothing} if self.loss_name != "siglip" else {}
-        loss = self.loss_spec.fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
-                                 all_image_features=all_img, all_text_features=all_txt, offset=offset, **kwargs)
+        loss = self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
         bs = batch["image"].shape[0]
-        train = stage == "train"
         for plugin in self.plugins:
             for name, term in plugin.training_losses(batch, out).items():
-                self.log(f"{stage}/{name}", term, batch_size=bs, sync_dist=not train)
+                self.log(f"{stage}/{name}", term, batch_size=bs, sync_dist=stage != "train")
                 loss = loss + term
-        # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=not train)
-        if train:
-            self.log("train/temperature", 1.0 / out.logit_scale.detach(), batch_size=bs)
-            self.log("train/logit_scale", out.logit_scale.detach(), batch_size=bs)
-            if out.logit_bias is not None:
-                self.log("train/logit_bias", out.logit_bias.detach(), batch_size=bs)
+        self._log_step(stage, loss, bs)
         self._skipped[batch.get("worker", 0)] = batch.get("skipped", {})
         return loss
 
+    def _log_step(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=not train)
+        if train:
+            scale = self.model.scale().detach()
+            self.log("train/temperature", 1.0 / scale, batch_size=batch_size)
+            self.log("train/logit_scale", scale, batch_size=batch_size)
+            if self.model.logit_bias is not None:
+                self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        if self.grad_cache_chunks is None:
+            return self._shared_step(batch, "train")
+        return self._grad_cache_step(batch)
+
+    def _grad_cache_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        ddp = getattr(self.trainer.model, "no_sync", None)
+        # Several backward passes per step: keep DDP from reducing after each, then average once.
+        with ddp() if ddp is not None else contextlib.nullcontext():
+            loss = grad_cache_backward(self.model, batch["image"], batch["input_ids"], batch["attention_mask"],
+                                       self.grad_cache_chunks, self.contrastive_loss, self.manual_backward)
+        _, world = world_info()
+        if world > 1:
+            for p in self.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+        if self.grad_cache_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_cache_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self._log_step("train", loss, batch["image"].shape[0])
+        self._skipped[batch.get("worker", 0)] = batch.get("skipped", {})
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
