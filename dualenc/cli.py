@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,9 +17,13 @@ import yaml
 BASE_KEY = "__base__"
 
 
-def resolve_config(path: str | Path) -> list[Path]:
-    """``path`` and its ``__base__`` chain, base first, each as a file with the key removed."""
-    chain: list[Path] = []
+def resolve_config(path: str | Path) -> list[str]:
+    """``path`` and its ``__base__`` chain, base first: file paths, or YAML text with the key removed.
+
+    A config without ``__base__`` is passed on as its path (LightningCLI then records it as is); one
+    with it is passed as YAML text, which ``--config`` accepts too, so no temporary files are left.
+    """
+    chain: list[str] = []
     seen: set[Path] = set()
     current: Path | None = Path(path)
     while current is not None:
@@ -32,13 +35,7 @@ def resolve_config(path: str | Path) -> list[Path]:
         seen.add(current)
         data = yaml.safe_load(current.read_text()) or {}
         base = data.pop(BASE_KEY, None) if isinstance(data, dict) else None
-        if base is None:
-            chain.append(current)
-        else:
-            tmp = tempfile.NamedTemporaryFile("w", suffix=f"_{current.name}", delete=False)
-            yaml.safe_dump(data, tmp, sort_keys=False)
-            tmp.close()
-            chain.append(Path(tmp.name))
+        chain.append(str(current) if base is None else yaml.safe_dump(data, sort_keys=False))
         current = (current.parent / base) if base else None
     return chain[::-1]
 
@@ -59,7 +56,7 @@ def expand_config_args(argv: list[str]) -> list[str]:
             i += 1
             continue
         for f in resolve_config(value):
-            out += ["--config", str(f)]
+            out += ["--config", f]
     return out
 
 
@@ -92,6 +89,9 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     cli_args = [x for c in a.config for x in ("--config", c)]
+    # Only the model is needed: no data, no accelerator, no strategy, no logs.
+    cli_args += ["--data.train=null", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                 "--trainer.strategy=auto", "--trainer.logger=false", "--trainer.num_nodes=1"]
     cli = make_cli(cli_args, run=False)
     ckpt = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
     cli.model.load_state_dict(ckpt["state_dict"], strict=True)

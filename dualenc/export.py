@@ -30,6 +30,9 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is as readable as any new directory
     try:
         config = {
             "format": FORMAT,
@@ -42,6 +45,7 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left over from an interrupted export
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

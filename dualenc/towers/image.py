@@ -9,10 +9,10 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.layers import freeze_batch_norm_2d
-from timm.models import group_modules
+from timm.models import group_modules, group_parameters
 
 from dualenc.registry import closest
-from dualenc.towers.base import ImageTower, freeze_module, last_modules_unfrozen
+from dualenc.towers.base import ImageTower, freeze_module
 from dualenc.towers.weights import load_into, read_state_dict
 
 
@@ -40,7 +40,7 @@ class TimmImageTower(ImageTower):
     ) -> None:
         super().__init__()
         if not timm.is_model(model_name):
-            if ":" in model_name:  # hf-hub:..., timm/...: hub references
+            if ":" in model_name or "/" in model_name:  # hf-hub:..., timm/...: hub references
                 raise ValueError(f"image tower {model_name!r} is a hub reference; dualenc never downloads. "
                                  "Use the timm architecture name (e.g. 'vit_base_patch16_224') and pass "
                                  "the weights file you downloaded yourself as `weights: /path/model.safetensors`.")
@@ -79,7 +79,13 @@ class TimmImageTower(ImageTower):
         # timm's own layer grouping (stem, blocks..., head) decides what "the last N groups" are.
         by_group = group_modules(self.trunk, self.trunk.group_matcher(coarse=True), reverse=False)
         names = [group for _, group in sorted(by_group.items())]
-        last_modules_unfrozen([[self.trunk.get_submodule(n) for n in g] for g in names], unlocked_groups)
+        # Unfreeze by parameter groups: they also cover root parameters (a ViT's cls_token, pos_embed)
+        # that no submodule owns.
+        params = group_parameters(self.trunk, self.trunk.group_matcher(coarse=True), reverse=False)
+        by_name = dict(self.trunk.named_parameters())
+        for _, group in sorted(params.items())[len(params) - unlocked_groups :] if unlocked_groups > 0 else []:
+            for n in group:
+                by_name[n].requires_grad_(True)
         if freeze_norm_stats:
             for name in (n for g in names[: len(names) - unlocked_groups] for n in g):
                 old = self.trunk.get_submodule(name)

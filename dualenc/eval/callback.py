@@ -1,0 +1,84 @@
+"""Lightning callback: zero-shot and retrieval evaluation during training, DDP-aware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from dualenc.eval.report import result_record, write_json_atomic
+from dualenc.eval.retrieval import DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK
+from dualenc.eval.suite import EvalSuite
+
+
+class EvalCallback(L.Callback):
+    """Runs :class:`~dualenc.eval.suite.EvalSuite` every N epochs and/or steps and logs its metrics.
+
+    Metrics are logged as ``{prefix}/{set name}/{metric}`` (e.g. ``eval/heldout/top1``) on every rank
+    with the same values, so they can be monitored (checkpointing, early stopping).
+
+    Args:
+        zeroshot: dicts ``{name, data, classnames?, templates?, format?}`` (see ``ZeroShotSet``).
+        retrieval: dicts ``{name, data, caption_key?, ks?}`` (see ``RetrievalSet``).
+        every_n_epochs: evaluate at the end of every N-th training epoch (None: never).
+        every_n_steps: evaluate after every N-th optimizer step (None: never).
+        batch_size / num_workers: per rank, for the evaluation data.
+        prefix: metric name prefix.
+        results_dir: if set, rank 0 writes ``eval-step{global_step}.json`` there (CLIP_benchmark-like records).
+    """
+
+    def __init__(self, zeroshot: list[dict[str, Any]] | None = None, retrieval: list[dict[str, Any]] | None = None,
+                 every_n_epochs: int | None = 1, every_n_steps: int | None = None, batch_size: int = 256,
+                 num_workers: int = 2, prefix: str = "eval", results_dir: str | None = None,
+                 image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK) -> None:
+        if not zeroshot and not retrieval:
+            raise ValueError("EvalCallback needs at least one zeroshot or retrieval set")
+        for what, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if n is not None and n < 1:
+                raise ValueError(f"{what} must be >= 1 or None, got {n}")
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError("set every_n_epochs and/or every_n_steps, or the callback never runs")
+        self.suite = EvalSuite(zeroshot, retrieval, batch_size, num_workers, image_chunk, text_chunk)
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.prefix = prefix
+        self.results_dir = results_dir
+        self.last_metrics: dict[str, float] = {}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Run every set now and log the metrics (all ranks must call this together)."""
+        # Gradient accumulation repeats a global step over several batches; evaluate it once.
+        if trainer.sanity_checking or trainer.global_step == self._last_step:
+            return self.last_metrics
+        self._last_step = trainer.global_step
+        model = getattr(pl_module, "model", pl_module)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.suite.run(model, pl_module.device)
+        finally:
+            model.train(was_training)
+        for key, value in metrics.items():
+            # Identical on every rank; sync_dist's mean keeps it and silences Lightning's DDP warning.
+            pl_module.log(f"{self.prefix}/{key}", value, sync_dist=True, batch_size=1)
+        self.last_metrics = metrics
+        if self.results_dir and trainer.is_global_zero:
+            model_name = f"{type(pl_module).__name__}@step{trainer.global_step}"
+            records = [result_record(r["dataset"], model_name, r["task"], r["metrics"], r.get("details"), data=r["data"])
+                       for r in self.suite.records]
+            path = Path(self.results_dir) / f"eval-step{trainer.global_step:08d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, records)
+        return metrics

@@ -1,0 +1,212 @@
+"""Several evaluation sets run together; under DDP every rank embeds a disjoint part, rank 0 scores.
+
+Each set's embeddings (and labels / caption owners) are gathered once with padded all-gathers,
+rank 0 computes the metrics and broadcasts them, so every rank returns (and may log) the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dualenc.distributed import world_info
+from dualenc.eval.encode import (EncodedImages, encode_images, encode_texts, eval_batches, flatten_captions,
+                                 is_image_folder)
+from dualenc.eval.gather import all_ok, broadcast_values, gather_rows, row_offset
+from dualenc.eval.imagefolder import folder_classnames
+from dualenc.eval.imagenet import imagenet_templates, load_classnames, load_templates
+from dualenc.eval.retrieval import (DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve,
+                                    retrieval_ranks)
+from dualenc.eval.zeroshot import build_classifier, check_templates, zeroshot_metrics
+from dualenc.model import DualEncoder
+
+ZEROSHOT_KEYS = ("top1", "top5", "mean_per_class_recall")
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def data_folder(data: str) -> Path:
+    """The directory holding a shard spec's files (where CLIP_benchmark keeps classnames.txt)."""
+    first = Path(str(data).split("::")[0])
+    return first if first.is_dir() else first.parent
+
+
+def resolve_prompts(data: str, classnames: str | list[str] | None, templates: str | list[str] | None,
+                    fmt: str = "auto") -> tuple[list[str], list[str]]:
+    """Class names and templates for ``data``: given lists, files (or ``imagenet``), else the defaults:
+    names from ``classnames.txt`` beside shards or from an image folder's class folders; templates from
+    ``zeroshot_classification_templates.txt`` beside the data, else CLIP's 80 ImageNet templates."""
+    folder = data_folder(data)
+    if isinstance(classnames, list):
+        names = list(classnames)
+    elif classnames is not None:
+        names = load_classnames(classnames)
+    elif fmt == "folder" or (fmt == "auto" and is_image_folder(data)):
+        names = folder_classnames(data)
+    elif (folder / "classnames.txt").is_file():
+        names = load_classnames(folder / "classnames.txt")
+    else:
+        raise FileNotFoundError(f"no class names for {data}: no classnames.txt beside the shards; give a file "
+                                "(--classnames / classnames:) with one name per class index, or 'imagenet'")
+    if isinstance(templates, list):
+        temps = list(templates)
+        check_templates(temps)
+    elif templates is not None:
+        temps = load_templates(templates)
+    elif (folder / "zeroshot_classification_templates.txt").is_file():
+        temps = load_templates(folder / "zeroshot_classification_templates.txt")
+    else:
+        temps = imagenet_templates()
+    if not names:
+        raise ValueError(f"no class names for {data}")
+    return names, temps
+
+
+@dataclass
+class ZeroShotSet:
+    """A labelled image set: shards (``.cls`` labels) or an image folder (class per subfolder)."""
+
+    name: str
+    data: str
+    classnames: str | list[str] | None = None
+    templates: str | list[str] | None = None
+    format: str = "auto"
+    prompts: tuple[list[str], list[str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prompts = resolve_prompts(self.data, self.classnames, self.templates, self.format)
+
+    def keys(self) -> list[str]:
+        return [f"{self.name}/{k}" for k in ZEROSHOT_KEYS]
+
+
+@dataclass
+class RetrievalSet:
+    """Image/caption shards; each sample's caption member may hold several captions, one per line."""
+
+    name: str
+    data: str
+    caption_key: str = "txt"
+    ks: tuple[int, ...] = (1, 5, 10)
+
+    def keys(self) -> list[str]:
+        metrics = [f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval") for k in self.ks]
+        metrics += [f"{d}_{s}_rank" for d in ("image_retrieval", "text_retrieval") for s in ("mean", "median")]
+        return [f"{self.name}/{m}" for m in metrics]
+
+
+def _as_set(cls: type, cfg: Any) -> Any:
+    if isinstance(cfg, cls):
+        return cfg
+    if not isinstance(cfg, dict) or "name" not in cfg or "data" not in cfg:
+        raise ValueError(f"each {cls.__name__} entry needs at least 'name' and 'data', got {cfg!r}")
+    return cls(**cfg)
+
+
+class EvalSuite:
+    """Zero-shot and retrieval sets evaluated together (see :meth:`run`).
+
+    Args:
+        zeroshot: ``ZeroShotSet`` objects or dicts (``name``, ``data``, optional ``classnames``,
+            ``templates`` (file paths, lists or ``imagenet``), ``format``).
+        retrieval: ``RetrievalSet`` objects or dicts (``name``, ``data``, optional ``caption_key``, ``ks``).
+        batch_size / num_workers: per rank, for reading and embedding.
+    """
+
+    def __init__(self, zeroshot: list[Any] | None = None, retrieval: list[Any] | None = None, batch_size: int = 256,
+                 num_workers: int = 2, image_chunk: int = DEFAULT_IMAGE_CHUNK,
+                 text_chunk: int = DEFAULT_TEXT_CHUNK) -> None:
+        self.zeroshot = [_as_set(ZeroShotSet, c) for c in zeroshot or []]
+        self.retrieval = [_as_set(RetrievalSet, c) for c in retrieval or []]
+        names = [s.name for s in self.zeroshot + self.retrieval]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evaluation set names must be unique (they name the metrics); repeated: {dupes}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.image_chunk, self.text_chunk = image_chunk, text_chunk
+        self.records: list[dict[str, Any]] = []  # rank 0: the last run's per-set results, with details
+
+    def keys(self) -> list[str]:
+        return [k for s in self.zeroshot + self.retrieval for k in s.keys()]
+
+    @torch.no_grad()
+    def run(self, model: DualEncoder, device: torch.device | str = "cpu") -> dict[str, float]:
+        """Evaluate every set; a collective under DDP (all ranks call it). Same result on every rank."""
+        self.records = []
+        out: dict[str, float] = {}
+        for s in self.zeroshot:
+            out.update(self._one(s, lambda: self._zeroshot(s, model, device)))
+        for r in self.retrieval:
+            out.update(self._one(r, lambda: self._retrieval(r, model, device)))
+        return out
+
+    def _one(self, s: Any, compute: Callable[[], dict[str, float] | None]) -> dict[str, float]:
+        error: BaseException | None = None
+        values = None
+        try:
+            metrics = compute()  # None on ranks other than 0
+            if metrics is not None:
+                values = [float(metrics[k.split("/", 1)[1]]) for k in s.keys()]
+        except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
+            error = e
+        values = broadcast_values(values, len(s.keys()))
+        if error is not None:
+            raise ValueError(f"evaluation set {s.name!r}: {error}") from error
+        if values is None:
+            raise RuntimeError(f"evaluation set {s.name!r} failed on rank 0; see its error")
+        return dict(zip(s.keys(), values))
+
+    def _local(self, s: Any, encode: Callable[[], Any]) -> Any:
+        # Every rank must reach the gathers; if one fails to read its part, all stop together.
+        try:
+            result, err = encode(), None
+        except Exception as e:  # noqa: BLE001
+            result, err = None, e
+        if not all_ok(err is None):
+            if err is not None:
+                raise ValueError(f"evaluation set {s.name!r}: {err}") from err
+            raise RuntimeError(f"evaluation set {s.name!r} failed on another rank; see its error")
+        return result
+
+    def _encode(self, s: Any, model: DualEncoder, device: Any, labels: bool, captions: bool) -> EncodedImages:
+        rank, world = world_info()
+        batches = eval_batches(s.data, model.image_tower.data_config, self.batch_size, self.num_workers,
+                               labels=labels, captions=captions, rank=rank, world=world,
+                               fmt=getattr(s, "format", "auto"), caption_key=getattr(s, "caption_key", "txt"))
+        return encode_images(model, batches, device, labels=labels, captions=captions,
+                             name=f"evaluation set {s.name!r} ({s.data})", allow_empty=world > 1)
+
+    def _zeroshot(self, s: ZeroShotSet, model: DualEncoder, device: Any) -> dict[str, float] | None:
+        enc = self._local(s, lambda: self._encode(s, model, device, labels=True, captions=False))
+        emb, labels = gather_rows(enc.embeddings), gather_rows(enc.labels)
+        if world_info()[0] != 0:
+            return None
+        names, templates = s.prompts
+        classifier = build_classifier(model, model.text_tower.tokenizer_fn(), names, templates, device)
+        metrics = zeroshot_metrics(emb, labels, classifier.float().cpu(), per_class=True)
+        per_class = metrics.pop("per_class_recall")
+        self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_classification", "metrics": metrics,
+                             "details": {"classnames": names, "per_class_recall": per_class}})
+        return metrics
+
+    def _retrieval(self, s: RetrievalSet, model: DualEncoder, device: Any) -> dict[str, float] | None:
+        def encode() -> tuple[EncodedImages, torch.Tensor, torch.Tensor]:
+            enc = self._encode(s, model, device, labels=False, captions=True)
+            texts, owner = flatten_captions(enc.captions or [])
+            txt = encode_texts(model, model.text_tower.tokenizer_fn(), texts, device, self.batch_size)
+            return enc, txt, owner
+
+        enc, txt, owner = self._local(s, encode)
+        owner = owner + row_offset(enc.embeddings.shape[0])
+        img_all, txt_all, owner_all = gather_rows(enc.embeddings), gather_rows(txt), gather_rows(owner)
+        if world_info()[0] != 0:
+            return None
+        ranks = retrieval_ranks(img_all, txt_all, owner_all, 0, self.image_chunk, self.text_chunk, device)
+        metrics = metrics_from_ranks(ranks, s.ks)
+        curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
+                  "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}
+        self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_retrieval", "metrics": metrics,
+                             "details": {"recall_curves": curves}})
+        return metrics
