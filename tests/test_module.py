@@ -263,6 +263,9 @@ def test_fit_overfits_a_fixed_batch(tiny_image_tower, tiny_text_tower, tmp_path)
 
     def eval_loss() -> float:  # outside the fit loop, so computed without self.log
         model.eval()
+        for m in model.modules():  # BatchNorm on batch statistics: 30 steps of running stats are noise
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
         with torch.no_grad():
             out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
             return float(contrastive_loss(out.image_features, out.text_features, out.logit_scale))
