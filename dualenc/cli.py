@@ -101,9 +101,11 @@ def cmd_export(argv: list[str]) -> int:
 
 def extra_commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommands beside LightningCLI's: name -> ``main(argv) -> exit code``."""
+    from dualenc.data_tools.cli import main as data_main
     from dualenc.eval.commands import COMMANDS as EVAL_COMMANDS
+    from dualenc.plugins.commands import COMMANDS as PLUGIN_COMMANDS
 
-    return {"export": cmd_export, **EVAL_COMMANDS}
+    return {"export": cmd_export, "data": data_main, **EVAL_COMMANDS, **PLUGIN_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

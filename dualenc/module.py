@@ -87,8 +87,8 @@ class DualEncoderModule(L.LightningModule):
         grad_cache_clip: float | None = None,
     ) -> None:
         super().__init__()
-        # The model object itself is not a hyperparameter: it must not be pickled into checkpoints.
-        self.save_hyperparameters(ignore=["model"])
+        # Modules are not hyperparameters: they must not be pickled into checkpoints.
+        self.save_hyperparameters(ignore=["model", "plugins"])
         self.model = model
         self.loss_name = loss
         self.loss_spec = get_loss(loss)
@@ -113,6 +113,8 @@ class DualEncoderModule(L.LightningModule):
         for p in self.plugins:
             if not callable(getattr(p, "training_losses", None)):
                 raise TypeError(f"plugin {type(p).__name__} has no training_losses(batch, output) method")
+            if callable(getattr(p, "bind_model", None)):
+                p.bind_model(model)  # e.g. image normalization and embedding size for a target model
         if grad_cache_chunks is not None:
             if grad_cache_chunks < 1:
                 raise ValueError(f"grad_cache_chunks must be >= 1, got {grad_cache_chunks}")

@@ -1,0 +1,236 @@
+"""``dualenc align``: fit, apply and evaluate embedding maps, and embed data with a target model.
+
+    dualenc align embed --target dualenc --target-args '{"path": "runs/a/export"}' --shards data/val --out a.safetensors
+    dualenc align fit   --method procrustes --source a.safetensors --target b.safetensors --out a2b.safetensors
+    dualenc align apply --map a2b.safetensors --input a_new.safetensors --modality text --out mapped.safetensors
+    dualenc align eval  --map a2b.safetensors --source a.safetensors --target b.safetensors
+    dualenc align list
+
+Embedding files carry their model's identity, so ``apply``/``eval`` refuse a map fitted for another model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _json_arg(text: str | None, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{what} must be a JSON object, e.g. '{{\"k\": 8}}': {e}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _fail(msg: str) -> int:
+    print(f"dualenc align: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from dualenc.plugins import PLUGINS, TARGETS
+
+    print("methods/plugins:", ", ".join(PLUGINS.names()))
+    print("targets:", ", ".join(TARGETS.names()))
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from dualenc.plugins.embeddings import save_embeddings
+    from dualenc.plugins.targets import build_target
+
+    if not a.texts and not a.shards:
+        return _fail("give --texts FILE and/or --shards SPEC")
+    target = build_target(a.target, **_json_arg(a.target_args, "--target-args"))
+    device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    target.to(device)
+    arrays: dict[str, torch.Tensor] = {}
+    keys: list[str] | None = None
+    if a.shards:
+        from dualenc.data.datamodule import eval_loader
+
+        imgs, txts, keys = [], [], []
+        loader = eval_loader(a.shards, target.data_config(), a.batch_size, a.workers, label_key=None,
+                             caption_key=a.caption_key)
+        for batch in loader:
+            imgs.append(target.encode_image(batch["image"].to(device)).cpu())
+            if a.caption_key:
+                txts.append(target.encode_text(batch["text"]).cpu())
+            keys += list(batch["key"])
+        if not imgs:
+            return _fail(f"no samples read from {a.shards}")
+        arrays["image"] = torch.cat(imgs)
+        if txts:
+            arrays["text"] = torch.cat(txts)
+    if a.texts:
+        if "text" in arrays:
+            return _fail("--texts and captions from --shards both give text; pass --caption-key '' to drop captions")
+        lines = [ln.strip() for ln in Path(a.texts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            return _fail(f"{a.texts} has no texts")
+        arrays["text"] = torch.cat([target.encode_text(lines[i:i + a.batch_size]).cpu()
+                                    for i in range(0, len(lines), a.batch_size)])
+        if keys is None:
+            keys = [f"{i:08d}" for i in range(len(lines))]
+        elif len(lines) != len(keys):
+            return _fail(f"{len(lines)} texts but {len(keys)} images: they must pair up row by row")
+    save_embeddings(a.out, arrays, target.identity(), keys)
+    print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())} from {target.name} to {a.out}")
+    return 0
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from dualenc.plugins import PLUGINS
+    from dualenc.plugins.embeddings import load_embeddings
+
+    plugin = PLUGINS.get(a.method)
+    if not hasattr(plugin, "fit_embeddings"):
+        return _fail(f"plugin {a.method!r} cannot be fitted stand-alone (it is a training plugin)")
+    src = load_embeddings(a.source, a.source_model)
+    tgt = load_embeddings(a.target, a.target_model) if a.target else None
+    kwargs = _json_arg(a.args, "--args")
+    if a.on_few_anchors:
+        kwargs["on_few_anchors"] = a.on_few_anchors
+    m = plugin.fit_embeddings(src, tgt, **kwargs) if tgt is not None else plugin.fit_embeddings(src, **kwargs)
+    m.save(a.out)
+    print(f"fitted {a.method} map {m.meta.source.name} -> {m.meta.target.name if m.meta.target else '-'} "
+          f"on {m.meta.anchors} anchors; saved to {a.out}")
+    print(json.dumps(m.meta.extra, sort_keys=True))
+    return 0
+
+
+def cmd_apply(a: argparse.Namespace) -> int:
+    from dualenc.plugins.embeddings import load_embeddings, save_embeddings, save_npy_atomic
+    from dualenc.plugins.maps import load_map
+
+    m = load_map(a.map)
+    data = load_embeddings(a.input, a.model)
+    mods = [a.modality] if a.modality else [k for k in ("image", "text") if k in data.arrays] or ["image"]
+    out = {mod: m.apply(data.get(mod).double(), mod, source=data.model, normalize=a.normalize).float() for mod in mods}
+    if a.out.endswith(".npy"):
+        if len(out) != 1:
+            return _fail("an .npy output holds one matrix; pass --modality or write .safetensors")
+        save_npy_atomic(a.out, next(iter(out.values())).numpy())
+    else:
+        from dualenc.plugins.mapfile import ModelId
+
+        # The result lives in the target's space but was not made by the target model: no fingerprint.
+        tgt = m.meta.target or m.meta.source
+        save_embeddings(a.out, out, ModelId(f"{tgt.name} (mapped from {data.model.name})", tgt.dim, None), data.keys)
+    print(f"mapped {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} -> {a.out}")
+    return 0
+
+
+def _paired(src: Any, tgt: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Row-aligned matrices of both sets: by common keys when both have keys, else row by row."""
+    mods = [m for m in ("image", "text") if m in src.arrays and m in tgt.arrays]
+    if not mods:
+        raise ValueError("the source and target files share no modality (image/text)")
+    if src.keys is not None and tgt.keys is not None:
+        ti = tgt.index()
+        common = [(i, ti[k]) for i, k in enumerate(src.keys) if k in ti]
+        if not common:
+            raise ValueError("the source and target files have no sample key in common")
+        si, tj = torch.tensor([c[0] for c in common]), torch.tensor([c[1] for c in common])
+        return {m: src.arrays[m][si] for m in mods}, {m: tgt.arrays[m][tj] for m in mods}
+    for m in mods:
+        if src.arrays[m].shape[0] != tgt.arrays[m].shape[0]:
+            raise ValueError(f"{m}: {src.arrays[m].shape[0]} source rows vs {tgt.arrays[m].shape[0]} target rows "
+                             "and no keys to pair them")
+    return {m: src.arrays[m] for m in mods}, {m: tgt.arrays[m] for m in mods}
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from dualenc.plugins.crossmodel import cross_model_report
+    from dualenc.plugins.embeddings import load_embeddings
+    from dualenc.plugins.maps import load_map
+
+    src = load_embeddings(a.source, a.source_model)
+    tgt = load_embeddings(a.target, a.target_model)
+    m = load_map(a.map, source=src.model, target=tgt.model)
+    sa, tb = _paired(src, tgt)
+    inv = m.inverse() if hasattr(m, "inverse") else None
+    ks = tuple(int(k) for k in a.ks.split(","))
+    report = cross_model_report({k: v.double() for k, v in sa.items()}, {k: v.double() for k, v in tb.items()},
+                                lambda x, mod: m.apply(x, mod).float(),
+                                (lambda x, mod: inv.apply(x, mod).float()) if inv is not None else None, ks=ks)
+    text = json.dumps(report, indent=2, sort_keys=True)
+    if a.json:
+        Path(a.json).write_text(text)
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dualenc align", description="Move embeddings between models: fit, apply "
+                                "and evaluate maps (Procrustes, whitening, MNN-Procrustes, vec2vec).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("list", help="list map methods and target kinds")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("embed", help="embed texts and/or image shards with a target model")
+    s.add_argument("--target", required=True, help="target kind: dualenc, open_clip, hf_clip, ...")
+    s.add_argument("--target-args", help="JSON object of the target's arguments")
+    s.add_argument("--texts", help="a text file, one text per line")
+    s.add_argument("--shards", help="WebDataset shard spec (images, and captions per --caption-key)")
+    s.add_argument("--caption-key", default="txt", help="caption member of the shards ('' for none)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
+    s.add_argument("--out", required=True, help="output .safetensors")
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("fit", help="fit a map from embedding files")
+    s.add_argument("--method", required=True, help="procrustes, whitening, mnn_procrustes, vec2vec, ...")
+    s.add_argument("--source", required=True, help="source embeddings (paired rows with --target for procrustes)")
+    s.add_argument("--target", help="target embeddings (none for whitening)")
+    s.add_argument("--source-model", help="source model name when the file does not record it")
+    s.add_argument("--target-model", help="target model name when the file does not record it")
+    s.add_argument("--on-few-anchors", choices=("warn", "error"))
+    s.add_argument("--args", help="JSON object of method arguments (e.g. '{\"k\": 64}' for whitening)")
+    s.add_argument("--out", required=True, help="output map .safetensors")
+    s.set_defaults(fn=cmd_fit)
+
+    s = sub.add_parser("apply", help="map embeddings with a fitted map")
+    s.add_argument("--map", required=True)
+    s.add_argument("--input", required=True, help="embeddings of the map's source model")
+    s.add_argument("--model", help="input model name when the file does not record it")
+    s.add_argument("--modality", choices=("image", "text"), help="default: every modality in the file")
+    s.add_argument("--normalize", action="store_true", help="L2-normalize the mapped embeddings")
+    s.add_argument("--out", required=True, help=".safetensors (keeps keys) or .npy")
+    s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser("eval", help="cross-model metrics of a map on paired embeddings of both models")
+    s.add_argument("--map", required=True)
+    s.add_argument("--source", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--source-model")
+    s.add_argument("--target-model")
+    s.add_argument("--ks", default="1,5,10", help="Recall@K cut-offs")
+    s.add_argument("--json", help="also write the metrics here")
+    s.set_defaults(fn=cmd_eval)
+    return p
+
+
+def cmd_align(argv: list[str]) -> int:
+    """dualenc align {list,embed,fit,apply,eval} ..."""
+    from dualenc.plugins.mapfile import MapMismatchError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (MapMismatchError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        return _fail(str(e).strip("'\""))
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"align": cmd_align}

@@ -1,0 +1,135 @@
+"""A cheap unpaired baseline: iterative Procrustes on mutual nearest neighbours (no paired anchors).
+
+Initialization matches the principal axes of the two centred sets (a rotation maps one covariance
+onto the other, so their eigenvectors correspond up to sign). Each axis' sign is chosen by
+comparing the quantiles of the projections on both sides (a rotation preserves each 1-D marginal),
+then improved greedily, one sign flip at a time, by the mean nearest-neighbour similarity of a
+subsample. Then, repeatedly: map the source, pair each point with its mutual nearest neighbour in the
+target, refit Procrustes on those pairs (until the pairs stop changing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from dualenc.plugins.checks import as_matrix, check_anchor_count
+from dualenc.plugins.mapfile import MapMeta
+from dualenc.plugins.procrustes import OrthogonalMap, _model_id, procrustes_q
+
+
+def _nn_score(xs: torch.Tensor, ys: torch.Tensor, q: torch.Tensor) -> float:
+    s = F.normalize(xs @ q.T, dim=-1) @ F.normalize(ys, dim=-1).T
+    return float(s.max(1).values.mean() + s.max(0).values.mean())
+
+
+def pca_init(xc: torch.Tensor, yc: torch.Tensor, passes: int = 2, subsample: int = 512, seed: int = 0) -> torch.Tensor:
+    """(dim_y, dim_x) semi-orthogonal map sending x's principal axes to y's, with signs chosen as above."""
+    r = min(xc.shape[1], yc.shape[1])
+    _, _, vx = torch.linalg.svd(xc, full_matrices=False)  # rows of vx: principal axes, by variance
+    _, _, vy = torch.linalg.svd(yc, full_matrices=False)
+    vx, vy = vx[:r], vy[:r]
+    px, py = xc @ vx.T, yc @ vy.T
+    levels = torch.linspace(0.01, 0.99, 99, dtype=xc.dtype)
+    qx, qy, qy_neg = (torch.quantile(v, levels, dim=0) for v in (px, py, -py))
+    signs = torch.where((qx - qy).abs().mean(0) <= (qx - qy_neg).abs().mean(0), 1.0, -1.0).to(xc.dtype)
+    g = torch.Generator().manual_seed(seed)
+    xs = xc[torch.randperm(len(xc), generator=g)[:subsample]]
+    ys = yc[torch.randperm(len(yc), generator=g)[:subsample]]
+
+    def q_of(s: torch.Tensor) -> torch.Tensor:
+        return vy.T @ torch.diag(s) @ vx
+
+    best = _nn_score(xs, ys, q_of(signs))
+    for _ in range(passes):  # greedy: a marginal that is symmetric cannot tell its sign by itself
+        improved = False
+        for i in range(r):
+            trial = signs.clone()
+            trial[i] = -trial[i]
+            score = _nn_score(xs, ys, q_of(trial))
+            if score > best:
+                best, signs, improved = score, trial, True
+        if not improved:
+            break
+    q = q_of(signs)
+    if r < max(xc.shape[1], yc.shape[1]) or torch.linalg.matrix_rank(q) < r:
+        u, _, vh = torch.linalg.svd(q + 1e-12 * torch.eye(*q.shape, dtype=q.dtype), full_matrices=False)
+        q = u @ vh  # complete to a full (semi-)orthogonal map
+    return q
+
+
+def mutual_nn(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j) where b[j] is a[i]'s nearest neighbour (cosine) and vice versa."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    best_b = torch.empty(a.shape[0], dtype=torch.long)
+    col_best = torch.full((b.shape[0],), -float("inf"), dtype=a.dtype)
+    col_arg = torch.zeros(b.shape[0], dtype=torch.long)
+    for s in range(0, a.shape[0], chunk):
+        sims = a[s:s + chunk] @ b.T
+        best_b[s:s + chunk] = sims.argmax(1)
+        v, i = sims.max(0)
+        better = v > col_best
+        col_best[better], col_arg[better] = v[better], i[better] + s
+    i = torch.arange(a.shape[0])
+    keep = col_arg[best_b] == i
+    return i[keep], best_b[keep]
+
+
+def fit_mnn_procrustes(
+    source_emb: torch.Tensor,
+    target_emb: torch.Tensor,
+    *,
+    source_text: torch.Tensor | None = None,
+    target_text: torch.Tensor | None = None,
+    source: Any = None,
+    target: Any = None,
+    init: Literal["pca", "identity"] = "pca",
+    iters: int = 20,
+    on_few_anchors: Literal["warn", "error"] = "warn",
+) -> OrthogonalMap:
+    """Unpaired orthogonal map from two sets of embeddings of *different* items of one distribution."""
+    x = as_matrix(source_emb, "source embeddings")
+    y = as_matrix(target_emb, "target embeddings")
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    if init == "pca":
+        q = pca_init(xc, yc)
+    elif init == "identity":
+        q = torch.eye(y.shape[1], x.shape[1], dtype=x.dtype)
+    else:
+        raise ValueError(f"init must be 'pca' or 'identity', got {init!r}")
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    done = 0
+    for done in range(1, iters + 1):
+        i, j = mutual_nn(xc @ q.T, yc)
+        if pairs is not None and len(i) == len(pairs[0]) and bool((i == pairs[0]).all() and (j == pairs[1]).all()):
+            break
+        pairs = (i, j)
+        if len(i) < 2:
+            break
+        q = procrustes_q(xc[i], yc[j], use_scipy=False)
+    n_pairs = 0 if pairs is None else len(pairs[0])
+    check_anchor_count(max(n_pairs, 2), max(x.shape[1], y.shape[1]), "MNN-Procrustes (mutual pairs)", on_few_anchors)
+    means = {"image_source": mx, "image_target": my}
+    if source_text is not None and target_text is not None:
+        means["text_source"] = as_matrix(source_text, "source text").mean(0)
+        means["text_target"] = as_matrix(target_text, "target text").mean(0)
+    meta = MapMeta(kind=OrthogonalMap.kind, source=_model_id(source, "source", x.shape[1]),
+                   target=_model_id(target, "target", y.shape[1]), anchors=0,
+                   extra={"method": "mnn_procrustes", "init": init, "iterations": done, "mnn_pairs": n_pairs,
+                          "source_count": x.shape[0], "target_count": y.shape[0]})
+    return OrthogonalMap(q, means, meta)
+
+
+class MNNProcrustes:
+    """Registry entry for ``dualenc align fit --method mnn_procrustes``; its maps are ``procrustes`` maps."""
+
+    kind: ClassVar[str] = "mnn_procrustes"
+
+    @staticmethod
+    def fit_embeddings(source: Any, target: Any, **kwargs: Any) -> OrthogonalMap:
+        return fit_mnn_procrustes(source.get("image"), target.get("image"), source_text=source.arrays.get("text"),
+                                  target_text=target.arrays.get("text"), source=source.model, target=target.model,
+                                  **kwargs)
