@@ -16,12 +16,13 @@ from dualenc.eval.suite import EvalSuite
 class EvalCallback(L.Callback):
     """Runs :class:`~dualenc.eval.suite.EvalSuite` every N epochs and/or steps and logs its metrics.
 
-    Metrics are logged as ``{prefix}/{set name}/{metric}`` (e.g. ``eval/heldout/top1``) on every rank
-    with the same values, so they can be monitored (checkpointing, early stopping).
+    Metrics are written to the trainer's loggers as ``{prefix}/{set name}/{metric}`` (e.g.
+    ``eval/heldout/top1``) at ``step=trainer.global_step``, and put into ``trainer.callback_metrics``
+    on every rank with the same values, so they can be monitored (checkpointing, early stopping).
 
     Args:
         zeroshot: dicts ``{name, data, classnames?, templates?, format?}`` (see ``ZeroShotSet``).
-        retrieval: dicts ``{name, data, caption_key?, ks?}`` (see ``RetrievalSet``).
+        retrieval: dicts ``{name, data, caption_key?, ks?, ties?}`` (see ``RetrievalSet``).
         every_n_epochs: evaluate at the end of every N-th training epoch (None: never).
         every_n_steps: evaluate after every N-th optimizer step (None: never).
         batch_size / num_workers: per rank, for the evaluation data.
@@ -57,7 +58,7 @@ class EvalCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Run every set now and log the metrics (all ranks must call this together)."""
+        """Run every set now and log the metrics (all ranks must call this together); returns them as logged."""
         # Gradient accumulation repeats a global step over several batches; evaluate it once.
         if trainer.sanity_checking or trainer.global_step == self._last_step:
             return self.last_metrics
@@ -70,13 +71,20 @@ class EvalCallback(L.Callback):
                 metrics = self.suite.run(model, pl_module.device)
         finally:
             model.train(was_training)
+        metrics = {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+        # Straight to the loggers, once: values logged with pl_module.log from a batch hook would be
+        # re-logged at every later step of the epoch. callback_metrics (identical on every rank) makes
+        # them available to ModelCheckpoint / EarlyStopping monitors.
         for key, value in metrics.items():
-            # Identical on every rank; sync_dist's mean keeps it and silences Lightning's DDP warning.
-            pl_module.log(f"{self.prefix}/{key}", value, sync_dist=True, batch_size=1)
+            trainer.callback_metrics[key] = torch.tensor(value)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics
         if self.results_dir and trainer.is_global_zero:
             model_name = f"{type(pl_module).__name__}@step{trainer.global_step}"
-            records = [result_record(r["dataset"], model_name, r["task"], r["metrics"], r.get("details"), data=r["data"])
+            records = [result_record(r["dataset"], model_name, r["task"], r["metrics"], r.get("details"),
+                                     data=r["data"])
                        for r in self.suite.records]
             path = Path(self.results_dir) / f"eval-step{trainer.global_step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)

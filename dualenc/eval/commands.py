@@ -68,8 +68,9 @@ def cmd_zeroshot(argv: list[str]) -> int:
         made = plot_record(record, a.plots)
         rows = _one_per_class(enc.labels, 16)
         cls = enc.labels[rows]
-        made.append(plot_similarity_heatmap(enc.embeddings[rows] @ classifier[cls].T, Path(a.plots) / f"{name}_similarity.png",
-                                            [names[c] for c in cls], [names[c] for c in cls],
+        labels = [names[c] for c in cls]
+        made.append(plot_similarity_heatmap(enc.embeddings[rows] @ classifier[cls].T,
+                                            Path(a.plots) / f"{name}_similarity.png", labels, labels,
                                             title=f"{name}: images vs class prompts"))
         print("plots: " + ", ".join(str(m) for m in made))
     print(f"zero-shot top-1 on {name}: {metrics['top1']:.2f} ({len(names)} classes, "
@@ -92,7 +93,8 @@ def cmd_retrieval(argv: list[str]) -> int:
     """dualenc retrieval --model EXPORT --data SHARDS | --images EMB_DIR --texts EMB_DIR"""
     from dualenc.eval.encode import encode_images, encode_texts, eval_batches, flatten_captions
     from dualenc.eval.report import plot_record, result_record, write_results
-    from dualenc.eval.retrieval import DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve, retrieval_ranks
+    from dualenc.eval.retrieval import (DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve,
+                                        retrieval_ranks)
     from dualenc.eval.suite import CURVE_KS, data_folder
 
     p = argparse.ArgumentParser(prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
@@ -104,6 +106,9 @@ def cmd_retrieval(argv: list[str]) -> int:
     p.add_argument("--images", help="instead of --model/--data: an image embeddings directory (dualenc embed)")
     p.add_argument("--texts", help="with --images: a text embeddings directory whose ids are IMAGE_ID#j")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--ties", choices=("optimistic", "pessimistic"), default="optimistic",
+                   help="whether a negative scoring exactly as the positive (e.g. a duplicate caption) ranks below "
+                   "(optimistic) or above it")
     p.add_argument("--image-chunk", type=int, default=DEFAULT_IMAGE_CHUNK)
     p.add_argument("--text-chunk", type=int, default=DEFAULT_TEXT_CHUNK)
     _data_args(p)
@@ -127,11 +132,11 @@ def cmd_retrieval(argv: list[str]) -> int:
         img, image_ids = enc.embeddings, enc.keys
         txt = encode_texts(model, model.text_tower.tokenizer_fn(), texts, device, a.batch_size)
         model_name, name = str(a.model), a.name or data_folder(a.data).name
-    ranks = retrieval_ranks(img, txt, owner, 0, a.image_chunk, a.text_chunk, device)
+    ranks = retrieval_ranks(img, txt, owner, 0, a.image_chunk, a.text_chunk, device, a.ties)
     metrics = metrics_from_ranks(ranks, a.ks)
     curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
               "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}
-    record = result_record(name, model_name, "zeroshot_retrieval", metrics, {"recall_curves": curves})
+    record = result_record(name, model_name, "zeroshot_retrieval", metrics, {"recall_curves": curves}, ties=a.ties)
     if a.json:
         write_results(a.json, record)
     if a.plots:
@@ -154,7 +159,8 @@ def cmd_retrieval(argv: list[str]) -> int:
     return 0
 
 
-def _from_embedding_dirs(images: str, texts: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]:
+def _from_embedding_dirs(images: str, texts: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str],
+                                                             list[str]]:
     from dualenc.eval.store import load_embeddings
 
     img, txt = load_embeddings(images), load_embeddings(texts)
@@ -244,7 +250,8 @@ def cmd_compose(argv: list[str]) -> int:
     if unknown:
         raise ValueError(f"--exclude id(s) {unknown} are not in {a.gallery}")
     scores, idx = nearest(query, gallery.tensor(), a.k, [index[e] for e in a.exclude])
-    hits = [{"rank": r + 1, "id": gallery.ids[int(i)], "score": float(s)} for r, (s, i) in enumerate(zip(scores[0], idx[0]))]
+    hits = [{"rank": r + 1, "id": gallery.ids[int(i)], "score": float(s)}
+            for r, (s, i) in enumerate(zip(scores[0], idx[0]))]
     per_text = weights * len(a.text) if len(weights) == 1 else weights
     terms = " ".join(f"{'+' if w >= 0 else '-'} {abs(w):g}*{t!r}" for t, w in zip(a.text, per_text))
     print(f"query: image {a.image} {terms}")

@@ -111,10 +111,12 @@ def _units(src: str, stype: str, shard_size: int) -> list[tuple[str, Any]]:
     path = Path(src)
     if not path.is_file():
         raise FileNotFoundError(f"text file {src!r} does not exist")
-    lines = [(str(n), ln.strip()) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    numbered = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+    lines = [(str(n), ln.strip()) for n, ln in numbered if ln.strip()]
     if not lines:
         raise ValueError(f"text file {src!r} has no non-empty line to embed")
-    return [(f"emb-{i:05d}", ([t for _, t in chunk], [n for n, _ in chunk])) for i, chunk in enumerate(_groups(lines, shard_size))]
+    return [(f"emb-{i:05d}", ([t for _, t in chunk], [n for n, _ in chunk]))
+            for i, chunk in enumerate(_groups(lines, shard_size))]
 
 
 def _captions(url: str, caption_key: str) -> tuple[list[str], list[str]]:

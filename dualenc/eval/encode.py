@@ -90,7 +90,8 @@ def encode_images(model: DualEncoder, batches: Iterable[dict[str, Any]], device:
         skipped["unreadable_image"] += len(bad_files)
         warnings.warn(f"{name}: skipped {len(bad_files)} unreadable image(s), e.g. {bad_files[:3]}", stacklevel=2)
     if not embs and not allow_empty:
-        why = f"skipped: {dict(skipped)}" if skipped else "no sample, or none with a readable image and the needed members"
+        why = (f"skipped: {dict(skipped)}" if skipped
+               else "no sample, or none with a readable image and the needed members")
         raise ValueError(f"{name} is empty: no image was read ({why}); check the path, the file types and, for "
                          "shards, the .cls / .txt members")
     dim = int(model.embed_dim)

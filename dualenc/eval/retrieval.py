@@ -3,7 +3,8 @@
 Each (image chunk x text chunk) block is computed once and serves both directions: its rows rank
 texts for image queries, its columns rank images for text queries. A query's rank is
 ``1 + #(non-positive items scoring strictly higher than its best positive)``: ties count in the
-query's favour, and ranks (hence Recall@K, mean and median rank) are exact, not read off a top-k list.
+query's favour (or, with ``ties="pessimistic"``, against it), and ranks (hence Recall@K, mean and
+median rank) are exact, not read off a top-k list.
 
 Exact despite float32 blocks: a block score can differ from the true dot product by at most the
 float32 rounding bound, so only scores within that bound of a query's threshold are undecided;
@@ -27,6 +28,8 @@ from torch import Tensor
 
 DEFAULT_IMAGE_CHUNK = 2048
 DEFAULT_TEXT_CHUNK = 8192  # a 2048 x 8192 float32 block is 64 MiB; the scan keeps three such buffers
+RECHECK_CHUNK = 8192  # undecided (near-tie) pairs recomputed in float64 at a time
+MAX_CHUNK = 2**24  # counts are summed in float32, exact up to here
 
 
 @dataclass
@@ -108,7 +111,7 @@ def _count_above(s: Tensor, thr32: Tensor, dim: int, tol: float, bufs: _Buffers)
 
 
 def _scan(s: Tensor, r0: int, c0: int, dim: int, thr32: Tensor, thr64: Tensor, tol: float, owner: Tensor,
-          img_all: Tensor, txt_all: Tensor, above: Tensor, bufs: _Buffers) -> None:
+          img_all: Tensor, txt_all: Tensor, above: Tensor, bufs: _Buffers, pessimistic: bool) -> None:
     """Add to ``above`` (per query) the non-positive items of block ``s`` scoring above each query's
     threshold; queries are rows (images, ``dim=1``) or columns (texts, ``dim=0``)."""
     q0 = r0 if dim == 1 else c0
@@ -132,14 +135,18 @@ def _scan(s: Tensor, r0: int, c0: int, dim: int, thr32: Tensor, thr64: Tensor, t
     negative = owner[cols] != rows  # a positive never counts against its own query
     rows, cols = rows[negative], cols[negative]
     query = rows if dim == 1 else cols
-    wins = query[dot64(img_all[rows], txt_all[cols]) > thr64[query]]
-    above.index_add_(0, wins, torch.ones_like(wins))
+    # Usually a handful per query; in chunks anyway, since a collapsed model ties everything.
+    for i in range(0, rows.numel(), RECHECK_CHUNK):
+        r, c, q = rows[i : i + RECHECK_CHUNK], cols[i : i + RECHECK_CHUNK], query[i : i + RECHECK_CHUNK]
+        exact = dot64(img_all[r], txt_all[c])
+        wins = q[exact >= thr64[q] if pessimistic else exact > thr64[q]]
+        above.index_add_(0, wins, torch.ones_like(wins))
 
 
 @torch.no_grad()
 def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, topk: int = 0,
                     image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK,
-                    device: torch.device | str | None = None) -> RetrievalRanks:
+                    device: torch.device | str | None = None, ties: str = "optimistic") -> RetrievalRanks:
     """Exact ranks for both directions (and top-``topk`` index lists if ``topk > 0``).
 
     Scores are dot products (cosine similarities for normalized embeddings). ``text_to_image[t]`` is
@@ -147,12 +154,19 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, 
     only a distractor for text queries and gets rank 0 as a query). Blocks are computed in float32
     on ``device`` (default: the embeddings' device). Extra memory: three float32 blocks of
     ``image_chunk * text_chunk`` plus O((N + M) * (topk + 1)).
+
+    ``ties``: ``optimistic`` (a negative scoring exactly the best positive's score does not push it
+    down) or ``pessimistic`` (it does). They differ only where scores tie exactly, e.g. duplicate
+    captions; CLIP_benchmark's top-k lists break such ties arbitrarily.
     """
+    if ties not in ("optimistic", "pessimistic"):
+        raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
     image_emb, text_emb = torch.as_tensor(image_emb), torch.as_tensor(text_emb)
     text_to_image = torch.as_tensor(text_to_image)
     check_retrieval_inputs(image_emb, text_emb, text_to_image)
-    if image_chunk < 1 or text_chunk < 1:
-        raise ValueError(f"chunk sizes must be >= 1, got image_chunk={image_chunk}, text_chunk={text_chunk}")
+    if not (1 <= image_chunk <= MAX_CHUNK and 1 <= text_chunk <= MAX_CHUNK):
+        raise ValueError(f"chunk sizes must be in 1..{MAX_CHUNK}, got image_chunk={image_chunk}, "
+                         f"text_chunk={text_chunk}")
     dev = torch.device(device) if device is not None else image_emb.device
     img_all, txt_all = image_emb.to(dev, torch.float32), text_emb.to(dev, torch.float32)
     owner = text_to_image.to(dev, torch.long)
@@ -187,8 +201,9 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, 
             for c0 in range(0, m, text_chunk):
                 c1 = min(c0 + text_chunk, m)
                 s = torch.matmul(img, txt_all[c0:c1].T, out=bufs.get(0, r1 - r0, c1 - c0))
-                _scan(s, r0, c0, 1, best32, best, tol, owner, img_all, txt_all, above_img, bufs)
-                _scan(s, r0, c0, 0, pos32, pos, tol, owner, img_all, txt_all, above_txt, bufs)
+                pessimistic = ties == "pessimistic"
+                _scan(s, r0, c0, 1, best32, best, tol, owner, img_all, txt_all, above_img, bufs, pessimistic)
+                _scan(s, r0, c0, 0, pos32, pos, tol, owner, img_all, txt_all, above_txt, bufs, pessimistic)
                 if topk:
                     v, i = s.topk(min(k_txt, c1 - c0), dim=1)
                     row_v, row_i = merge_topk(row_v, row_i, v, i + c0, k_txt)
@@ -225,7 +240,7 @@ def metrics_from_ranks(ranks: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)) ->
 
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10),
                       image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK,
-                      device: torch.device | str | None = None) -> dict[str, float]:
+                      device: torch.device | str | None = None, ties: str = "optimistic") -> dict[str, float]:
     """Recall@K (both directions), mean and median rank; see :func:`retrieval_ranks`.
 
     Keys: ``image_retrieval_recall@K`` (text -> image), ``text_retrieval_recall@K`` (image -> text),
@@ -233,7 +248,7 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor
     """
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {list(ks)}")
-    ranks = retrieval_ranks(image_emb, text_emb, text_to_image, 0, image_chunk, text_chunk, device)
+    ranks = retrieval_ranks(image_emb, text_emb, text_to_image, 0, image_chunk, text_chunk, device, ties)
     return metrics_from_ranks(ranks, ks)
 
 

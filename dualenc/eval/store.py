@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-FORMAT = "dualenc-embeddings/1"
+FORMAT = "dualenc-embedding-dir/1"  # (plugins/embeddings.py names its single-file format dualenc-embeddings/1)
 MANIFEST = "manifest.json"
 FILE_FORMATS = ("npy", "safetensors")
 
@@ -68,7 +68,11 @@ class EmbeddingWriter:
         identity = {"kind": kind, "model": model, "source": source, "file_format": file_format,
                     "params": dict(params or {})}
         path = self.dir / MANIFEST
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); delete it (and the shards beside it) or use "
+                             "another output directory") from None
         if old is not None and not overwrite:
             if old.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a dualenc embeddings manifest; choose another output directory")
@@ -92,7 +96,8 @@ class EmbeddingWriter:
         return name in self.manifest["shards"] and all(
             f.is_file() for f in _shard_files(self.dir, name, self.manifest["file_format"]))
 
-    def write(self, name: str, vectors: np.ndarray | torch.Tensor, ids: list[str], info: dict[str, Any] | None = None) -> None:
+    def write(self, name: str, vectors: np.ndarray | torch.Tensor, ids: list[str],
+              info: dict[str, Any] | None = None) -> None:
         """Write shard ``name`` (``vectors`` (n, D) with one id each) and list it in the manifest."""
         vec = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
         vec = np.ascontiguousarray(vec, dtype=np.float32)
@@ -183,7 +188,8 @@ def iter_shards(path: str | Path, allow_partial: bool = False) -> Iterator[tuple
             raise ValueError(f"{root}/{name}: {vec.shape} vectors, {len(ids)} ids, manifest says "
                              f"{manifest['shards'][name]['count']}; the shard is damaged, delete it and rerun")
         if manifest.get("dim") is not None and vec.shape[0] and vec.shape[1] != manifest["dim"]:
-            raise ValueError(f"{root}/{name}: embedding size {vec.shape[1]} differs from the manifest's {manifest['dim']}")
+            raise ValueError(f"{root}/{name}: embedding size {vec.shape[1]} differs from the manifest's "
+                             f"{manifest['dim']}; the shard is damaged, delete it and rerun")
         yield name, ids, vec
 
 

@@ -90,11 +90,25 @@ class RetrievalSet:
     data: str
     caption_key: str = "txt"
     ks: tuple[int, ...] = (1, 5, 10)
+    ties: str = "optimistic"  # or "pessimistic": see retrieval_ranks
 
     def keys(self) -> list[str]:
         metrics = [f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval") for k in self.ks]
         metrics += [f"{d}_{s}_rank" for d in ("image_retrieval", "text_retrieval") for s in ("mean", "median")]
         return [f"{self.name}/{m}" for m in metrics]
+
+
+def _named(s: Any, err: BaseException) -> BaseException:
+    """``err`` with the set's name in front (once), keeping its type where it is a plain ValueError etc."""
+    prefix = f"evaluation set {s.name!r}"
+    if str(err).startswith(prefix):
+        return err
+    try:
+        named = type(err)(f"{prefix}: {err}")
+    except Exception:  # noqa: BLE001 - exception types with other constructors
+        named = ValueError(f"{prefix}: {err}")
+    named.__cause__ = err
+    return named
 
 
 def _as_set(cls: type, cfg: Any) -> Any:
@@ -111,7 +125,8 @@ class EvalSuite:
     Args:
         zeroshot: ``ZeroShotSet`` objects or dicts (``name``, ``data``, optional ``classnames``,
             ``templates`` (file paths, lists or ``imagenet``), ``format``).
-        retrieval: ``RetrievalSet`` objects or dicts (``name``, ``data``, optional ``caption_key``, ``ks``).
+        retrieval: ``RetrievalSet`` objects or dicts (``name``, ``data``, optional ``caption_key``, ``ks``,
+            ``ties``).
         batch_size / num_workers: per rank, for reading and embedding.
     """
 
@@ -153,7 +168,7 @@ class EvalSuite:
             error = e
         values = broadcast_values(values, len(s.keys()))
         if error is not None:
-            raise ValueError(f"evaluation set {s.name!r}: {error}") from error
+            raise _named(s, error)
         if values is None:
             raise RuntimeError(f"evaluation set {s.name!r} failed on rank 0; see its error")
         return dict(zip(s.keys(), values))
@@ -166,7 +181,7 @@ class EvalSuite:
             result, err = None, e
         if not all_ok(err is None):
             if err is not None:
-                raise ValueError(f"evaluation set {s.name!r}: {err}") from err
+                raise _named(s, err)
             raise RuntimeError(f"evaluation set {s.name!r} failed on another rank; see its error")
         return result
 
@@ -203,7 +218,7 @@ class EvalSuite:
         img_all, txt_all, owner_all = gather_rows(enc.embeddings), gather_rows(txt), gather_rows(owner)
         if world_info()[0] != 0:
             return None
-        ranks = retrieval_ranks(img_all, txt_all, owner_all, 0, self.image_chunk, self.text_chunk, device)
+        ranks = retrieval_ranks(img_all, txt_all, owner_all, 0, self.image_chunk, self.text_chunk, device, s.ties)
         metrics = metrics_from_ranks(ranks, s.ks)
         curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
                   "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}

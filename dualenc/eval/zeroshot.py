@@ -86,13 +86,16 @@ def zeroshot_metrics(image_emb: torch.Tensor, labels: torch.Tensor, classifier: 
     if int(labels.min()) < 0 or int(labels.max()) >= n:
         bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
         raise ValueError(f"label {bad} is out of range for {n} class names")
+    # The embeddings are already global (gathered): torchmetrics must not sync across ranks again,
+    # and only rank 0 calls this, so a sync would wait forever.
+    kw = {"sync_on_compute": False}
     metrics = {
-        "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
-        "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
-        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro"),
+        "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro", **kw),
+        "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro", **kw),
+        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro", **kw),
     }
     if per_class:
-        metrics["per_class_recall"] = MulticlassRecall(num_classes=n, average=None)
+        metrics["per_class_recall"] = MulticlassRecall(num_classes=n, average=None, **kw)
     cls = classifier.float().cpu()
     for i in range(0, image_emb.shape[0], chunk):
         logits = image_emb[i : i + chunk].float().cpu() @ cls.T
