@@ -212,32 +212,32 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualenc-data", description="Dataset tools for dualenc.")
+def build_parser(prog: str = "dualenc-data") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Dataset tools for dualenc.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "dualenc-data") -> int:
+    args = build_parser(prog).parse_args(argv)
     run = SUBCOMMANDS[args.command][2]
     try:
         return run(args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
         # Expected user errors: one line, no traceback.
-        print(f"dualenc-data {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         from .shards import MissingDependencyError
 
         if not isinstance(e, MissingDependencyError):
             raise
-        print(f"dualenc-data {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dualenc-data {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

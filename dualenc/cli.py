@@ -7,6 +7,7 @@ first and the file's keys override it, so each shipped config is a short overrid
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -105,7 +106,8 @@ def extra_commands() -> dict[str, Callable[[list[str]], int]]:
     from dualenc.eval.commands import COMMANDS as EVAL_COMMANDS
     from dualenc.plugins.commands import COMMANDS as PLUGIN_COMMANDS
 
-    return {"export": cmd_export, "data": data_main, **EVAL_COMMANDS, **PLUGIN_COMMANDS}
+    return {"export": cmd_export, "data": functools.partial(data_main, prog="dualenc data"),
+            **EVAL_COMMANDS, **PLUGIN_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
