@@ -154,7 +154,9 @@ class DualEncoderModule(L.LightningModule):
     def _log_step(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
         train = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=not train)
+        # Not on the progress bar while training: Lightning turns bar metrics into Python floats after
+        # every batch (a host sync per step), even with the bar disabled.
+        self.log(f"{stage}/loss", loss, prog_bar=not train, batch_size=batch_size, sync_dist=not train)
         if train:
             scale = self.model.scale().detach()
             self.log("train/temperature", 1.0 / scale, batch_size=batch_size)

