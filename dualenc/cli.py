@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     # __base__ chains expanded. sys.argv stays as it is: DDP relaunches the command from it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        # Our streams yield exactly len() batches across workers (each worker is configured apart).
+        warnings.filterwarnings("ignore", message=".*IterableDataset` has `__len__` defined.*")
         make_cli(argv)
     return 0
 
