@@ -64,10 +64,16 @@ class NamedPlugin(nn.Module):
         return self.plugin.training_losses(batch, output)
 
 
+from dualenc.plugins import baselines as _baselines  # noqa: F401,E402 - registers linear, mlp, sinkhorn_procrustes
+from dualenc.plugins.baselines import (  # noqa: E402
+    LinearMap, MLPMap, fit_linear, fit_mlp, fit_sinkhorn_procrustes,
+)
+
 __all__ = [
     "PLUGINS", "TARGETS", "DualencTarget", "EmbeddingMap", "EntryPointRegistry", "FewAnchorsWarning", "HFClipTarget",
     "LearnedQ", "MNNProcrustes", "MapMeta", "NamedPlugin", "MapMismatchError", "ModelId", "OpenClipTarget",
     "OrthogonalMap",
     "PrecomputedTarget", "Target", "Vec2VecMap", "Whitening", "build_plugin", "build_target", "fingerprint_module",
     "fit_mnn_procrustes", "fit_procrustes", "fit_whitening", "load_map", "train_vec2vec",
+    "LinearMap", "MLPMap", "fit_linear", "fit_mlp", "fit_sinkhorn_procrustes",
 ]
