@@ -179,7 +179,7 @@ def cached_sets(models: dict[str, Any], fingerprints: dict[str, str], data: Path
     """``build_sets``, reused from ``cache`` when the models (by weight fingerprint) and settings match."""
     key = {"fingerprints": fingerprints, "data": str(data), "pool": pool, "text_pool": text_pool, "seed": seed}
     if cache is not None and cache.is_file():
-        saved = torch.load(cache, weights_only=False)  # our own file, written below
+        saved = torch.load(cache, weights_only=True)  # plain tensors, lists and strings: nothing to unpickle
         if saved.get("key") == key:
             log(f"reusing embeddings from {cache}")
             for n in models:
