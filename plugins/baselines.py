@@ -25,25 +25,9 @@ from torch import nn
 from dualenc.plugins.checks import as_matrix, check_anchor_count, check_paired
 from dualenc.plugins.mapfile import MapMeta, ModelId
 from dualenc.plugins.maps import EmbeddingMap, Modality
-from dualenc.plugins.procrustes import OrthogonalMap, _model_id
+from dualenc.plugins.procrustes import OrthogonalMap, _model_id, modality_means
 from dualenc.plugins.registry import PLUGINS
 from dualenc.plugins.unpaired import pca_init
-
-
-def _means(x: torch.Tensor, y: torch.Tensor, source_text: Any, target_text: Any,
-           dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Per-modality means, as ``fit_procrustes`` keeps them (text only when both sides are given)."""
-    means = {"image_source": x.mean(0), "image_target": y.mean(0)}
-    if (source_text is None) != (target_text is None):
-        raise ValueError("give both source_text and target_text (for the text means), or neither")
-    if source_text is not None:
-        xt = as_matrix(source_text, "source text embeddings", dtype)
-        yt = as_matrix(target_text, "target text embeddings", dtype)
-        if xt.shape[1] != x.shape[1] or yt.shape[1] != y.shape[1]:
-            raise ValueError(f"text dims ({xt.shape[1]}, {yt.shape[1]}) differ from image dims "
-                             f"({x.shape[1]}, {y.shape[1]}): text and images must come from the same two models")
-        means["text_source"], means["text_target"] = xt.mean(0), yt.mean(0)
-    return means
 
 
 class _CentredMap(EmbeddingMap):
@@ -121,7 +105,7 @@ def fit_linear(
     y = as_matrix(target_image, "target image anchors", dtype)
     check_paired(x, y, "source image anchors", "target image anchors")
     check_anchor_count(x.shape[0], x.shape[1], "linear (least-squares) fit", on_few_anchors)
-    means = _means(x, y, source_text, target_text, dtype)
+    means = modality_means(x, y, source_text, target_text, dtype)
     xc, yc = x - means["image_source"], y - means["image_target"]
     if ridge > 0:
         a = xc.T @ xc + ridge * x.shape[0] * torch.eye(x.shape[1], dtype=dtype)
@@ -190,7 +174,7 @@ def fit_mlp(
     y = as_matrix(target_image, "target image anchors", torch.float32)
     check_paired(x, y, "source image anchors", "target image anchors")
     check_anchor_count(x.shape[0], 1, "MLP fit")  # any n >= 2 trains; fit quality is what the study measures
-    means = _means(x, y, source_text, target_text, torch.float32)
+    means = modality_means(x, y, source_text, target_text, torch.float32)
     xc, yc = x - means["image_source"], y - means["image_target"]
     with torch.random.fork_rng():  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)

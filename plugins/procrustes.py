@@ -96,6 +96,22 @@ def _model_id(given: ModelId | str | None, default: str, dim: int) -> ModelId:
     return ModelId(given.name, dim, given.fingerprint)
 
 
+def modality_means(x: torch.Tensor, y: torch.Tensor, source_text: Any, target_text: Any,
+           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-modality means: each modality is centred on its own (text only when both sides are given)."""
+    means = {"image_source": x.mean(0), "image_target": y.mean(0)}
+    if (source_text is None) != (target_text is None):
+        raise ValueError("give both source_text and target_text (for the text means), or neither")
+    if source_text is not None:
+        xt = as_matrix(source_text, "source text embeddings", dtype)
+        yt = as_matrix(target_text, "target text embeddings", dtype)
+        if xt.shape[1] != x.shape[1] or yt.shape[1] != y.shape[1]:
+            raise ValueError(f"text dims ({xt.shape[1]}, {yt.shape[1]}) differ from image dims "
+                             f"({x.shape[1]}, {y.shape[1]}): text and images must come from the same two models")
+        means["text_source"], means["text_target"] = xt.mean(0), yt.mean(0)
+    return means
+
+
 def fit_procrustes(
     source_image: torch.Tensor,
     target_image: torch.Tensor,
@@ -118,16 +134,7 @@ def fit_procrustes(
     y = as_matrix(target_image, "target image anchors", dtype)
     check_paired(x, y, "source image anchors", "target image anchors")
     check_anchor_count(x.shape[0], max(x.shape[1], y.shape[1]), "Procrustes fit", on_few_anchors)
-    means = {"image_source": x.mean(0), "image_target": y.mean(0)}
-    if (source_text is None) != (target_text is None):
-        raise ValueError("give both source_text and target_text (for the text means), or neither")
-    if source_text is not None:
-        xt = as_matrix(source_text, "source text embeddings", dtype)
-        yt = as_matrix(target_text, "target text embeddings", dtype)
-        if xt.shape[1] != x.shape[1] or yt.shape[1] != y.shape[1]:
-            raise ValueError(f"text dims ({xt.shape[1]}, {yt.shape[1]}) differ from image dims "
-                             f"({x.shape[1]}, {y.shape[1]}): text and images must come from the same two models")
-        means["text_source"], means["text_target"] = xt.mean(0), yt.mean(0)
+    means = modality_means(x, y, source_text, target_text, dtype)
     xc, yc = x - means["image_source"], y - means["image_target"]
     q = procrustes_q(xc, yc, use_scipy)
     resid = float((xc @ q.T - yc).norm() / yc.norm().clamp_min(1e-30))
