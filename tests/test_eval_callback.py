@@ -156,7 +156,36 @@ def test_callback_config_errors(data: Path) -> None:
         EvalCallback(zeroshot=[{"name": "a", "data": str(data / "cls")}, {"name": "a", "data": str(data / "one")}])
     with pytest.raises(ValueError, match="'name' and 'data'"):
         EvalCallback(retrieval=[{"data": str(data / "cap")}])
-    with pytest.raises(FileNotFoundError, match="classnames.txt"):
-        EvalCallback(zeroshot=[{"name": "c", "data": str(data / "cap")}])
+    with pytest.raises(FileNotFoundError, match="'c'.*classnames.txt"):
+        EvalCallback(zeroshot=[{"name": "c", "data": str(data / "cap")}]).suite.check()
     with pytest.raises(ValueError, match="never runs"):
         EvalCallback(zeroshot=[{"name": "c", "data": str(data / "cls")}], every_n_epochs=None)
+
+
+def test_callback_reads_sets_at_fit_start_not_when_built(data: Path, tmp_path: Path) -> None:
+    """A config may name eval data that a later step creates; a set still missing at fit start stops fit."""
+    import shutil
+
+    import lightning as L
+
+    from dualenc.module import DualEncoderModule
+
+    later = tmp_path / "later"
+    cb = EvalCallback(zeroshot=[{"name": "zs", "data": str(later)}], retrieval=[{"name": "rt", "data": str(later)}],
+                      num_workers=0)  # nothing there yet: building must not read it
+
+    class Boom(L.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            raise AssertionError("training started despite a missing evaluation set")
+
+    model = tiny_model()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, callbacks=[cb, Boom()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader(_batches(model, 1), batch_size=None)
+    with pytest.raises(FileNotFoundError, match="evaluation set 'zs'.*matches no file"):
+        trainer.fit(DualEncoderModule(model), train_dataloaders=loader)
+
+    shutil.copytree(data / "cls", later)  # labelled shards with classnames.txt, captions too
+    cb.suite.check()
+    names = [n.strip() for n in (data / "cls" / "classnames.txt").read_text().splitlines() if n.strip()]
+    assert cb.suite.zeroshot[0].prompts[0] == names

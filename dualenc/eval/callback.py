@@ -48,6 +48,11 @@ class EvalCallback(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Sets are read here, not in __init__, so a config may name eval data that does not exist yet
+        # when it is parsed; a missing or bad set still stops fit before the first step.
+        self.suite.check()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

@@ -6,12 +6,14 @@ rank 0 computes the metrics and broadcasts them, so every rank returns (and may 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from dualenc.data.sources import expand_urls
 from dualenc.distributed import world_info
 from dualenc.eval.encode import (EncodedImages, encode_images, encode_texts, eval_batches, flatten_captions,
                                  is_image_folder)
@@ -66,17 +68,27 @@ def resolve_prompts(data: str, classnames: str | list[str] | None, templates: st
 
 @dataclass
 class ZeroShotSet:
-    """A labelled image set: shards (``.cls`` labels) or an image folder (class per subfolder)."""
+    """A labelled image set: shards (``.cls`` labels) or an image folder (class per subfolder).
+
+    Nothing is read when the set is built (a training config may name eval data that a later step
+    creates); :meth:`EvalSuite.check` reads class names and templates, and the callback calls it
+    when fit starts, so a bad set still fails before the first training step."""
 
     name: str
     data: str
     classnames: str | list[str] | None = None
     templates: str | list[str] | None = None
     format: str = "auto"
-    prompts: tuple[list[str], list[str]] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.prompts = resolve_prompts(self.data, self.classnames, self.templates, self.format)
+    @cached_property
+    def prompts(self) -> tuple[list[str], list[str]]:
+        return resolve_prompts(self.data, self.classnames, self.templates, self.format)
+
+    def check(self) -> None:
+        folder = self.format == "folder" or (self.format == "auto" and is_image_folder(self.data))
+        if not folder:
+            expand_urls(self.data)
+        _ = self.prompts  # resolves (and caches) class names and templates, raising if bad
 
     def keys(self) -> list[str]:
         return [f"{self.name}/{k}" for k in ZEROSHOT_KEYS]
@@ -91,6 +103,9 @@ class RetrievalSet:
     caption_key: str = "txt"
     ks: tuple[int, ...] = (1, 5, 10)
     ties: str = "optimistic"  # or "pessimistic": see retrieval_ranks
+
+    def check(self) -> None:
+        expand_urls(self.data)
 
     def keys(self) -> list[str]:
         metrics = [f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval") for k in self.ks]
@@ -145,6 +160,14 @@ class EvalSuite:
 
     def keys(self) -> list[str]:
         return [k for s in self.zeroshot + self.retrieval for k in s.keys()]
+
+    def check(self) -> None:
+        """Read what every set needs up front (shard lists, class names, templates); raise naming the set."""
+        for s in self.zeroshot + self.retrieval:
+            try:
+                s.check()
+            except Exception as e:  # noqa: BLE001 - re-raised with the set's name
+                raise _named(s, e) from e
 
     @torch.no_grad()
     def run(self, model: DualEncoder, device: torch.device | str = "cpu") -> dict[str, float]:
