@@ -119,6 +119,8 @@ def _add_filter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-side", type=int, default=200, help="drop images whose shorter side is below this (px)")
     p.add_argument("--max-aspect", type=float, default=3.0, help="drop images with long/short side above this")
     p.add_argument("--max-caption-shares", type=int, default=10, help="drop alt-texts shared by more images than this")
+    p.add_argument("--max-image-captions", type=int, default=1000,
+                   help="drop images (identical bytes) that come with more alt-texts (samples) than this")
     p.add_argument("--top-ngrams", type=int, default=100_000_000,
                    help="drop captions with a unigram/bigram outside the N most frequent (ALIGN: 100M of 1.8B pairs)")
     p.add_argument("--min-words", type=int, default=3, help="drop captions with fewer unigrams")
@@ -138,7 +140,8 @@ def _run_filter(args: argparse.Namespace) -> int:
 
     patterns = ([] if args.no_default_boilerplate else list(DEFAULT_BOILERPLATE)) + args.boilerplate_regex
     config = FilterConfig(min_side=args.min_side, max_aspect=args.max_aspect,
-                          max_caption_shares=args.max_caption_shares, top_ngrams=args.top_ngrams,
+                          max_caption_shares=args.max_caption_shares,
+                          max_image_captions=args.max_image_captions, top_ngrams=args.top_ngrams,
                           min_words=args.min_words, max_words=args.max_words, boilerplate=patterns)
     config.disable(args.disable)
     report = filter_shards(args.shards, args.out, config, shard_size=args.shard_size, overwrite=args.overwrite)

@@ -1,8 +1,9 @@
 """ALIGN-style frequency filtering of image/alt-text shards (Jia et al. 2021, section 3).
 
-Two passes over the input: the first counts caption repeats and unigram/bigram frequencies
-over the raw data (ALIGN computes both on the unfiltered corpus), the second applies the rules
-and copies kept samples byte for byte into new shards. The input is only ever read.
+Two passes over the input: the first counts caption repeats, image repeats (by a digest of the
+image bytes) and unigram/bigram frequencies over the raw data (ALIGN computes them on the
+unfiltered corpus), the second applies the rules and copies kept samples byte for byte into new
+shards. The input is only ever read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .shards import (
     TarSample,
@@ -45,6 +46,7 @@ DEFAULT_BOILERPLATE: tuple[str, ...] = (
 RULES: tuple[str, ...] = (
     "image_too_small",
     "aspect_ratio",
+    "shared_image",
     "boilerplate",
     "too_few_words",
     "too_many_words",
@@ -78,6 +80,14 @@ def _caption_digest(caption: str) -> bytes:
     return hashlib.blake2b(normalize_caption(caption).encode("utf-8"), digest_size=8).digest()
 
 
+def image_digest(f: IO[bytes], chunk: int = 1 << 16) -> bytes:
+    """Identity of an image: a digest of its file bytes (byte-identical copies share it)."""
+    h = hashlib.blake2b(digest_size=8)
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
+    return h.digest()
+
+
 @dataclass
 class FilterConfig:
     """Thresholds of each rule; None disables a rule. Defaults are ALIGN's."""
@@ -85,6 +95,9 @@ class FilterConfig:
     min_side: int | None = 200  # drop images whose shorter side is < min_side px
     max_aspect: float | None = 3.0  # drop images with long/short side > max_aspect
     max_caption_shares: int | None = 10  # drop alt-texts shared by more than this many images
+    # Drop images (identical bytes) that come with more than this many alt-texts, counted as the
+    # samples holding them, like max_caption_shares counts the samples holding a caption.
+    max_image_captions: int | None = 1000
     # Keep only captions whose unigrams and bigrams are all among the top_ngrams most frequent
     # of the corpus. ALIGN used 100M on 1.8B pairs; scale it down with the corpus.
     top_ngrams: int | None = 100_000_000
@@ -93,7 +106,8 @@ class FilterConfig:
     boilerplate: list[str] | None = field(default_factory=lambda: list(DEFAULT_BOILERPLATE))
 
     def __post_init__(self) -> None:
-        for name in ("min_side", "max_caption_shares", "top_ngrams", "min_words", "max_words"):
+        for name in ("min_side", "max_caption_shares", "max_image_captions", "top_ngrams", "min_words",
+                     "max_words"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be a non-negative int or None (disabled), got {v!r}")
@@ -107,7 +121,8 @@ class FilterConfig:
 
     def disable(self, rules: Iterable[str]) -> None:
         """Turn off rules by name (see RULES)."""
-        fields = {"image_too_small": "min_side", "aspect_ratio": "max_aspect", "boilerplate": "boilerplate",
+        fields = {"image_too_small": "min_side", "aspect_ratio": "max_aspect",
+                  "shared_image": "max_image_captions", "boilerplate": "boilerplate",
                   "too_few_words": "min_words", "too_many_words": "max_words",
                   "shared_caption": "max_caption_shares", "rare_tokens": "top_ngrams"}
         for rule in rules:
@@ -122,9 +137,13 @@ class _Tables:
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
         self.caption_counts: Counter[bytes] = Counter()
+        self.image_counts: Counter[bytes] = Counter()
         self.ngram_counts: Counter[str] = Counter()
         self.vocab: set[str] | None = None  # None: every n-gram is frequent enough
         self.patterns = [re.compile(p, re.IGNORECASE) for p in (config.boilerplate or [])]
+
+    def add_image(self, digest: bytes) -> None:
+        self.image_counts[digest] += 1
 
     def add(self, caption: str) -> None:
         if self.config.max_caption_shares is not None:
@@ -158,12 +177,15 @@ class _Tables:
             hits.append("rare_tokens")
         return hits
 
-    def image_rules(self, w: int, h: int) -> list[str]:
+    def image_rules(self, w: int, h: int, digest: bytes | None = None) -> list[str]:
+        """Names of the image rules that drop a ``w`` x ``h`` image with ``digest``, in RULES order."""
         c, hits = self.config, []
         if c.min_side is not None and min(w, h) < c.min_side:
             hits.append("image_too_small")
         if c.max_aspect is not None and max(w, h) / min(w, h) > c.max_aspect:
             hits.append("aspect_ratio")
+        if c.max_image_captions is not None and digest is not None and self.image_counts[digest] > c.max_image_captions:
+            hits.append("shared_image")
         return hits
 
 
@@ -179,7 +201,8 @@ def judge(sample: TarSample, tables: _Tables) -> tuple[list[str], str | None]:
         except Exception:  # noqa: BLE001 - any parser failure means an unusable image
             reasons.append("unreadable_image")
         else:
-            reasons += tables.image_rules(w, h)
+            digest = image_digest(sample.open(image_ext)) if tables.config.max_image_captions is not None else None
+            reasons += tables.image_rules(w, h, digest)
     caption, problem = sample.caption()
     if problem:
         reasons.append(problem)
@@ -208,7 +231,7 @@ def filter_shards(
     paths = expand_shards(shards)
     check_output_dir(Path(out_dir), overwrite=overwrite, marker=REPORT_FILE, inputs=paths)  # before pass 1
 
-    # Pass 1: corpus statistics (captions only; images are not touched).
+    # Pass 1: corpus statistics (captions, and image bytes hashed if shared_image is on; no decoding).
     tables = _Tables(config)
     keys: set[str] = set()
     n_input = 0
@@ -218,8 +241,12 @@ def filter_shards(
         caption, _ = sample.caption()
         if caption is not None:
             tables.add(caption)
+        if config.max_image_captions is not None and sample.image_ext is not None:
+            tables.add_image(image_digest(sample.open(sample.image_ext)))
     del keys
     vocab_info = tables.finish()
+    image_info = {"distinct": len(tables.image_counts),
+                  "most_samples_per_image": max(tables.image_counts.values(), default=0)}
 
     # Pass 2: judge and copy.
     first: Counter[str] = Counter()
@@ -252,6 +279,7 @@ def filter_shards(
             },
             "boilerplate_patterns": {p: per_pattern[p] for p in (config.boilerplate or [])},
             "ngrams": vocab_info,
+            "images": image_info,  # counted only while shared_image is on
             "config": asdict(config),
             "examples": examples,
             "output": {"dir": str(Path(out_dir)), "shards": [Path(p).name for p in writer.shards]},

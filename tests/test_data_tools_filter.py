@@ -249,3 +249,48 @@ def test_cli_filter(shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert report["dropped"]["by_rule"]["image_too_small"] == 1  # only the 100 px one now
     assert cli.main(["filter", "--shards", str(d), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def _colour_jpeg(rgb: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), rgb).save(buf, "JPEG", quality=50)
+    return buf.getvalue()
+
+
+def test_shared_image_rule_with_tiny_threshold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ALIGN drops images with more than 1,000 alt-texts; here more than 3, by identical image bytes."""
+    popular, three, unique = _colour_jpeg((200, 30, 30)), _colour_jpeg((30, 200, 30)), _colour_jpeg((30, 30, 200))
+    samples = [(f"pop{i}", {"jpg": popular, "txt": f"a red square number {i}".encode()}) for i in range(4)]
+    samples += [(f"three{i}", {"jpg": three, "txt": f"a green square number {i}".encode()}) for i in range(3)]
+    samples += [("unique", {"jpg": unique, "txt": b"a blue square alone"})]
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "part-0.tar", samples[:5])
+    write_tar(d / "part-1.tar", samples[5:])  # counting spans shards: pass 1 sees the whole corpus
+    config = FilterConfig(max_image_captions=3, top_ngrams=None, max_caption_shares=None)
+    report = filter_shards(d, tmp_path / "out", config)
+    assert report["dropped"]["first_rule"] == {"shared_image": 4}
+    assert report["kept"] == 4 and read_keys(tmp_path / "out") == ["three0", "three1", "three2", "unique"]
+    assert report["images"] == {"distinct": 3, "most_samples_per_image": 4}
+    assert report["config"]["max_image_captions"] == 3
+    # The rule off (or at ALIGN's default 1000) keeps them all.
+    off = FilterConfig(top_ngrams=None, max_caption_shares=None)
+    off.disable(["shared_image"])
+    assert filter_shards(d, tmp_path / "off", off)["kept"] == 8
+    assert filter_shards(d, tmp_path / "default", FilterConfig(top_ngrams=None))["kept"] == 8
+    # Same through the CLI flag.
+    assert cli.main(["filter", "--shards", str(d), "--out", str(tmp_path / "cli"), "--max-image-captions", "3",
+                     "--disable", "rare_tokens"]) == 0
+    assert "shared_image" in capsys.readouterr().out
+
+
+def test_shared_image_rule_unit() -> None:
+    t = _Tables(FilterConfig(max_image_captions=1))
+    t.add_image(b"a" * 8)
+    t.add_image(b"a" * 8)
+    t.add_image(b"b" * 8)
+    assert t.image_rules(300, 300, b"a" * 8) == ["shared_image"]
+    assert t.image_rules(300, 300, b"b" * 8) == [] and t.image_rules(300, 300, b"c" * 8) == []
+    assert t.image_rules(100, 400, b"a" * 8) == ["image_too_small", "aspect_ratio", "shared_image"]
+    with pytest.raises(ValueError, match="max_image_captions"):
+        FilterConfig(max_image_captions=-1)
