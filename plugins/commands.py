@@ -4,6 +4,7 @@
     dualenc align fit   --method procrustes --source a.safetensors --target b.safetensors --out a2b.safetensors
     dualenc align apply --map a2b.safetensors --input a_new.safetensors --modality text --out mapped.safetensors
     dualenc align eval  --map a2b.safetensors --source a.safetensors --target b.safetensors
+    dualenc align eval  --map a2b.safetensors --source runs/a/export --target runs/b/export --shards data/val
     dualenc align list
 
 Embedding files carry their model's identity, so ``apply``/``eval`` refuse a map fitted for another model.
@@ -45,6 +46,30 @@ def cmd_list(a: argparse.Namespace) -> int:
     return 0
 
 
+def _device(a: argparse.Namespace) -> str:
+    return "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+
+
+def embed_shards(target: Any, shards: str, caption_key: str | None, batch_size: int, workers: int,
+                 device: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Image (and, with ``caption_key``, caption) embeddings of every sample of ``shards``, and the keys."""
+    from dualenc.data.datamodule import eval_loader
+
+    imgs, txts, keys = [], [], []
+    loader = eval_loader(shards, target.data_config(), batch_size, workers, label_key=None, caption_key=caption_key)
+    for batch in loader:
+        imgs.append(target.encode_image(batch["image"].to(device)).cpu())
+        if caption_key:
+            txts.append(target.encode_text(batch["text"]).cpu())
+        keys += list(batch["key"])
+    if not imgs:
+        raise ValueError(f"no samples read from {shards}")
+    arrays = {"image": torch.cat(imgs)}
+    if txts:
+        arrays["text"] = torch.cat(txts)
+    return arrays, keys
+
+
 def cmd_embed(a: argparse.Namespace) -> int:
     from dualenc.plugins.embeddings import save_embeddings
     from dualenc.plugins.targets import build_target
@@ -52,26 +77,12 @@ def cmd_embed(a: argparse.Namespace) -> int:
     if not a.texts and not a.shards:
         return _fail("give --texts FILE and/or --shards SPEC")
     target = build_target(a.target, **_json_arg(a.target_args, "--target-args"))
-    device = "cuda" if torch.cuda.is_available() and not a.cpu else "cpu"
+    device = _device(a)
     target.to(device)
     arrays: dict[str, torch.Tensor] = {}
     keys: list[str] | None = None
     if a.shards:
-        from dualenc.data.datamodule import eval_loader
-
-        imgs, txts, keys = [], [], []
-        loader = eval_loader(a.shards, target.data_config(), a.batch_size, a.workers, label_key=None,
-                             caption_key=a.caption_key)
-        for batch in loader:
-            imgs.append(target.encode_image(batch["image"].to(device)).cpu())
-            if a.caption_key:
-                txts.append(target.encode_text(batch["text"]).cpu())
-            keys += list(batch["key"])
-        if not imgs:
-            return _fail(f"no samples read from {a.shards}")
-        arrays["image"] = torch.cat(imgs)
-        if txts:
-            arrays["text"] = torch.cat(txts)
+        arrays, keys = embed_shards(target, a.shards, a.caption_key, a.batch_size, a.workers, device)
     if a.texts:
         if "text" in arrays:
             return _fail("--texts and captions from --shards both give text; pass --caption-key '' to drop captions")
@@ -151,24 +162,48 @@ def _paired(src: Any, tgt: Any) -> tuple[dict[str, torch.Tensor], dict[str, torc
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dualenc.plugins.crossmodel import cross_model_report
+    from dualenc.plugins.crossmodel import compatibility_report, cross_model_report
     from dualenc.plugins.embeddings import load_embeddings
     from dualenc.plugins.maps import load_map
 
-    src = load_embeddings(a.source, a.source_model)
-    tgt = load_embeddings(a.target, a.target_model)
+    if a.shards:
+        src, tgt = _embed_exports(a)
+    else:
+        src = load_embeddings(a.source, a.source_model)
+        tgt = load_embeddings(a.target, a.target_model)
     m = load_map(a.map, source=src.model, target=tgt.model)
     sa, tb = _paired(src, tgt)
     inv = m.inverse() if hasattr(m, "inverse") else None
     ks = tuple(int(k) for k in a.ks.split(","))
-    report = cross_model_report({k: v.double() for k, v in sa.items()}, {k: v.double() for k, v in tb.items()},
-                                lambda x, mod: m.apply(x, mod).float(),
-                                (lambda x, mod: inv.apply(x, mod).float()) if inv is not None else None, ks=ks)
+    a_to_b = lambda x, mod: m.apply(x, mod).float()  # noqa: E731
+    sa, tb = {k: v.double() for k, v in sa.items()}, {k: v.double() for k, v in tb.items()}
+    report: dict[str, Any] = cross_model_report(
+        sa, tb, a_to_b, (lambda x, mod: inv.apply(x, mod).float()) if inv is not None else None, ks=ks)
+    # The source is the new model, the target the old one whose index would be kept.
+    report.update(compatibility_report(sa, tb, a_to_b, metric=a.compat_metric, ks=ks))
     text = json.dumps(report, indent=2, sort_keys=True)
     if a.json:
         Path(a.json).write_text(text)
     print(text)
     return 0
+
+
+def _embed_exports(a: argparse.Namespace) -> tuple[Any, Any]:
+    """``eval --shards``: embed the shards with the two dualenc exports named by --source/--target."""
+    from dualenc.plugins.embeddings import EmbeddingSet
+    from dualenc.plugins.targets import build_target
+
+    if a.source_model or a.target_model:
+        raise ValueError("--source-model/--target-model name the models of embedding files; with --shards the "
+                         "exports' weights identify them")
+    sets = []
+    for path in (a.source, a.target):
+        if not Path(path).is_dir():
+            raise ValueError(f"with --shards, --source and --target are dualenc export directories; {path} is not one")
+        target = build_target("dualenc", path=path).to(_device(a))
+        arrays, keys = embed_shards(target, a.shards, a.caption_key, a.batch_size, a.workers, _device(a))
+        sets.append(EmbeddingSet(arrays, target.identity(), keys))
+    return sets[0], sets[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,13 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".safetensors (keeps keys) or .npy")
     s.set_defaults(fn=cmd_apply)
 
-    s = sub.add_parser("eval", help="cross-model metrics of a map on paired embeddings of both models")
+    s = sub.add_parser("eval", help="cross-model metrics and the backward-compatibility criterion of a map, on "
+                       "paired embeddings of both models (or shards embedded by two exports)")
     s.add_argument("--map", required=True)
-    s.add_argument("--source", required=True)
-    s.add_argument("--target", required=True)
+    s.add_argument("--source", required=True, help="the map's source (the new model): an embeddings file, or with "
+                   "--shards a dualenc export directory")
+    s.add_argument("--target", required=True, help="the map's target (the old model, whose index is kept)")
     s.add_argument("--source-model")
     s.add_argument("--target-model")
+    s.add_argument("--shards", help="image + caption shards to embed with the --source and --target exports")
+    s.add_argument("--caption-key", default="txt", help="caption member of --shards")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
     s.add_argument("--ks", default="1,5,10", help="Recall@K cut-offs")
+    s.add_argument("--compat-metric", default="R@1", help="metric of the backward-compatibility criterion: R@K, "
+                   "top1, mean_rank or median_rank")
     s.add_argument("--json", help="also write the metrics here")
     s.set_defaults(fn=cmd_eval)
     return p

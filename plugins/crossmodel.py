@@ -9,6 +9,7 @@ Typical use: embed queries with model A, map them into B's space, search an inde
 * ``cross_model_report``: the above for A->B and B->A, per modality and across modalities.
 * ``zero_shot_accuracy``: images (e.g. A's, mapped to B) against class prompt embeddings (B's text).
 * ``backward_compatibility``: M(new query -> old index) vs M(old -> old) (Shen et al.'s criterion).
+* ``compatibility_report``: that criterion (and M(new -> new)) for each query/index modality pair.
 """
 
 from __future__ import annotations
@@ -144,3 +145,27 @@ def backward_compatibility(new_queries: torch.Tensor, old_queries: torch.Tensor,
     higher_better = metric != "mean_rank" and metric != "median_rank"
     ok = new[metric] >= old[metric] if higher_better else new[metric] <= old[metric]
     return {"metric": metric, "new_to_old": new[metric], "old_to_old": old[metric], "compatible": bool(ok)}
+
+
+def compatibility_report(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], new_to_old: MapFn,
+                         metric: str = "R@1", ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+    """The backward-compatibility criterion for text->image and image->text search.
+
+    ``new``/``old``: paired embeddings of the same items by the new and the old model (as in
+    ``cross_model_report``); ``new_to_old`` maps the new model's embeddings into the old space.
+    Keys ``compat/{q}->{i}/new_to_old``, ``.../old_to_old``, ``.../new_to_new`` (the new model alone, what
+    re-embedding the index would buy) and ``.../compatible`` (new_to_old no worse than old_to_old).
+    """
+    out: dict[str, Any] = {}
+    for qm, im in (("text", "image"), ("image", "text")):
+        if qm not in new or qm not in old or im not in old:
+            continue
+        bc = backward_compatibility(new_to_old(new[qm], qm), old[qm], old[im], metric=metric, ks=ks)
+        tag = f"compat/{qm}->{im}"
+        out.update({f"{tag}/new_to_old": bc["new_to_old"], f"{tag}/old_to_old": bc["old_to_old"],
+                    f"{tag}/compatible": bc["compatible"]})
+        if im in new:
+            out[f"{tag}/new_to_new"] = retrieval_metrics(new[qm], new[im], ks=ks)[metric]
+    if out:
+        out["compat/metric"] = metric
+    return out

@@ -28,8 +28,27 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="dataset name for the output (default: the data folder's name)")
 
 
+def _cross_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cross-model", "images embedded by --model, texts by --text-model, one side moved into "
+                             "the other's space by --map (fitted with `dualenc align fit`; its metadata says which)")
+    g.add_argument("--text-model", help="a second dualenc export that embeds the texts (with --map)")
+    g.add_argument("--map", help="a map file between --model and --text-model, either direction")
+
+
+def _cross(p: argparse.ArgumentParser, a: argparse.Namespace, device: str) -> Any:
+    """The ``CrossModel`` of ``--text-model``/``--map``, or None for a single-model evaluation."""
+    if not (a.text_model or a.map):
+        return None
+    if not (a.text_model and a.map and a.model):
+        p.error("--text-model and --map go together, with --model (the image model)")
+    from dualenc.plugins.crosseval import load_cross_model
+
+    return load_cross_model(a.model, a.text_model, a.map, device)
+
+
 def cmd_zeroshot(argv: list[str]) -> int:
-    """dualenc zeroshot --model EXPORT_DIR --data SHARDS|IMAGE_FOLDER [--classnames F --templates F]"""
+    """dualenc zeroshot --model EXPORT_DIR --data SHARDS|IMAGE_FOLDER [--classnames F --templates F]
+    [--text-model EXPORT_B --map MAP]"""
     from dualenc.eval.encode import FORMATS, encode_images, eval_batches
     from dualenc.eval.report import plot_record, result_record, write_results
     from dualenc.eval.suite import data_folder, resolve_prompts
@@ -48,18 +67,26 @@ def cmd_zeroshot(argv: list[str]) -> int:
     p.add_argument("--templates", help="one template with {c} per line, or 'imagenet' for CLIP's 80 (default: "
                    "zeroshot_classification_templates.txt beside the data, else CLIP's 80)")
     _data_args(p)
+    _cross_args(p)
     a = p.parse_args(argv)
     names, templates = resolve_prompts(a.data, a.classnames, a.templates, a.format)
     device = _device()
-    model = _load(a.model)
+    cross = _cross(p, a, device)
+    model = cross.image_model if cross else _load(a.model)
+    text_model = cross.text_model if cross else model
     name = a.name or data_folder(a.data).name
     batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=True, fmt=a.format)
     enc = encode_images(model, batches, device, labels=True, name=f"evaluation set {a.data}")
-    classifier = build_classifier(model, model.text_tower.tokenizer_fn(), names, templates, device).float().cpu()
-    metrics = zeroshot_metrics(enc.embeddings, enc.labels, classifier, per_class=True)
+    img = cross.image(enc.embeddings) if cross else enc.embeddings
+    classifier = build_classifier(text_model, text_model.text_tower.tokenizer_fn(), names, templates,
+                                  device).float().cpu()
+    if cross:
+        classifier = cross.text(classifier)
+    metrics = zeroshot_metrics(img, enc.labels, classifier, per_class=True)
     per_class = metrics.pop("per_class_recall")
-    record = result_record(name, str(a.model), "zeroshot_classification", metrics,
-                           {"classnames": names, "per_class_recall": per_class, "skipped": enc.skipped})
+    extra = {"cross_model": cross.setup} if cross else {}
+    record = result_record(name, cross.name if cross else str(a.model), "zeroshot_classification", metrics,
+                           {"classnames": names, "per_class_recall": per_class, "skipped": enc.skipped}, **extra)
     if a.json:
         write_results(a.json, record)
     if a.plots:
@@ -69,7 +96,7 @@ def cmd_zeroshot(argv: list[str]) -> int:
         rows = _one_per_class(enc.labels, 16)
         cls = enc.labels[rows]
         labels = [names[c] for c in cls]
-        made.append(plot_similarity_heatmap(enc.embeddings[rows] @ classifier[cls].T,
+        made.append(plot_similarity_heatmap(img[rows] @ classifier[cls].T,
                                             Path(a.plots) / f"{name}_similarity.png", labels, labels,
                                             title=f"{name}: images vs class prompts"))
         print("plots: " + ", ".join(str(m) for m in made))
@@ -90,7 +117,8 @@ def _one_per_class(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def cmd_retrieval(argv: list[str]) -> int:
-    """dualenc retrieval --model EXPORT --data SHARDS | --images EMB_DIR --texts EMB_DIR"""
+    """dualenc retrieval --model EXPORT --data SHARDS [--text-model EXPORT_B --map MAP]
+    | --images EMB_DIR --texts EMB_DIR"""
     from dualenc.eval.encode import encode_images, encode_texts, eval_batches, flatten_captions
     from dualenc.eval.report import plot_record, result_record, write_results
     from dualenc.eval.retrieval import (DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve,
@@ -112,17 +140,22 @@ def cmd_retrieval(argv: list[str]) -> int:
     p.add_argument("--image-chunk", type=int, default=DEFAULT_IMAGE_CHUNK)
     p.add_argument("--text-chunk", type=int, default=DEFAULT_TEXT_CHUNK)
     _data_args(p)
+    _cross_args(p)
     a = p.parse_args(argv)
     device = _device()
+    cross = None
     if a.images or a.texts:
-        if not (a.images and a.texts) or a.model or a.data:
-            p.error("give --images and --texts (embedding directories), or --model and --data, not a mix")
+        if not (a.images and a.texts) or a.model or a.data or a.text_model or a.map:
+            p.error("give --images and --texts (embedding directories), or --model and --data (optionally with "
+                    "--text-model and --map), not a mix")
         img, txt, owner, image_ids, texts = _from_embedding_dirs(a.images, a.texts)
         model_name, name = f"{a.images} + {a.texts}", a.name or Path(a.images).name
     else:
         if not (a.model and a.data):
             p.error("give --model and --data (or --images and --texts)")
-        model = _load(a.model)
+        cross = _cross(p, a, device)
+        model = cross.image_model if cross else _load(a.model)
+        text_model = cross.text_model if cross else model
         batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=False,
                                captions=True, caption_key=a.caption_key)
         enc = encode_images(model, batches, device, captions=True, name=f"evaluation set {a.data}")
@@ -130,13 +163,17 @@ def cmd_retrieval(argv: list[str]) -> int:
         if not texts:
             raise ValueError(f"{a.data}: no caption found in the .{a.caption_key} members; retrieval needs captions")
         img, image_ids = enc.embeddings, enc.keys
-        txt = encode_texts(model, model.text_tower.tokenizer_fn(), texts, device, a.batch_size)
-        model_name, name = str(a.model), a.name or data_folder(a.data).name
+        txt = encode_texts(text_model, text_model.text_tower.tokenizer_fn(), texts, device, a.batch_size)
+        if cross:
+            img, txt = cross.image(img), cross.text(txt)
+        model_name, name = cross.name if cross else str(a.model), a.name or data_folder(a.data).name
     ranks = retrieval_ranks(img, txt, owner, 0, a.image_chunk, a.text_chunk, device, a.ties)
     metrics = metrics_from_ranks(ranks, a.ks)
     curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
               "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}
-    record = result_record(name, model_name, "zeroshot_retrieval", metrics, {"recall_curves": curves}, ties=a.ties)
+    extra = {"cross_model": cross.setup} if cross else {}
+    record = result_record(name, model_name, "zeroshot_retrieval", metrics, {"recall_curves": curves}, ties=a.ties,
+                           **extra)
     if a.json:
         write_results(a.json, record)
     if a.plots:
