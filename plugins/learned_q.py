@@ -35,6 +35,11 @@ from dualenc.plugins.synthetic import random_orthogonal
 from dualenc.plugins.targets import Target, build_target
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class LearnedQ(nn.Module):
     """Training plugin: a shared orthogonal map from this model's space to a frozen target's.
 
@@ -137,10 +142,30 @@ class LearnedQ(nn.Module):
         x = f.detach().double().cpu()
         y = ft.detach().double().cpu()
         q = procrustes_q(x - x.mean(0), y - y.mean(0), use_scipy=False).float().to(f.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(q, 0)  # every rank starts from the same Q
-        with torch.random.fork_rng(devices=[]):
-            self.map.weight = q
+        distributed = _world_size() > 1
+        if distributed:
+            torch.distributed.broadcast(q, 0)  # every rank starts from rank 0's fit
+        orth = self.map.parametrizations.weight[0]
+        self._set_q(q)
+        if distributed and getattr(orth, "base", None) is not None:
+            # A non-square Q is completed to a square one with random columns (drawn from each rank's own
+            # RNG): share rank 0's, so every rank holds the same state, whatever DDP does with buffers.
+            torch.distributed.broadcast(orth.base, 0)
+
+    @torch.no_grad()
+    def _set_q(self, q: torch.Tensor) -> None:
+        """Set ``Q`` in place. ``self.map.weight = q`` would swap the parameter's storage (``set_``) and
+        the parametrization's ``base`` buffer for new tensors, which DDP, holding references to the old
+        ones, never sees: its gradient hook on Q stops firing and its buffer broadcast sends a stale copy."""
+        plist = self.map.parametrizations.weight
+        orth = plist[0]
+        base = getattr(orth, "base", None)
+        with torch.random.fork_rng(devices=[]):  # right_inverse draws the completion of a non-square Q
+            value = orth.right_inverse(q.to(plist.original.dtype))
+        if base is not None and orth.base is not base:
+            base.copy_(orth.base)
+            orth.base = base
+        plist.original.copy_(value)
 
     # A pickled copy (e.g. in Lightning hyperparameters) must not drag the target model along, and
     # torch refuses to pickle parametrized modules: store Q's state dict and rebuild it on unpickling.
@@ -208,6 +233,7 @@ class LearnedQ(nn.Module):
             self._init_from_batch(src0, tgt0)
         q = self.q
         out: dict[str, torch.Tensor] = {}
+        batch_means: dict[str, torch.Tensor] = {}
         for m, src, tgt in (("image", f, ft), ("text", g, gt)):
             if tgt is None:
                 continue
@@ -215,8 +241,7 @@ class LearnedQ(nn.Module):
             mu_s, mu_t = (src.mean(0), tgt.mean(0)) if self.center else (src.new_zeros(src.shape[1]),
                                                                          tgt.new_zeros(tgt.shape[1]))
             if self.training:
-                self._update_means(f"{m}_source_mean", mu_s)
-                self._update_means(f"{m}_target_mean", mu_t)
+                batch_means[f"{m}_source_mean"], batch_means[f"{m}_target_mean"] = mu_s, mu_t
             if self.weights[m] > 0:
                 resid = (src - mu_s) @ q.T - (tgt - mu_t)
                 out[f"align_{m}"] = self.weights[m] * resid.pow(2).sum(-1).mean()
@@ -224,9 +249,24 @@ class LearnedQ(nn.Module):
             kt = ft.to(f.device) @ gt.to(f.device).T
             out["align_kernel"] = self.weights["kernel"] * (f @ g.T - kt).pow(2).mean()
         if self.training:
+            self._update_all_means(batch_means)
             self.steps += 1
             self._fresh = False
         return out
+
+    @torch.no_grad()
+    def _update_all_means(self, batch_means: dict[str, torch.Tensor]) -> None:
+        """Running means from the global batch: under DDP the ranks' batch means are averaged (one
+        all-reduce), so every rank keeps the same means whether or not DDP broadcasts buffers."""
+        if not batch_means:
+            return
+        flat = torch.cat([v.detach().float().reshape(-1) for v in batch_means.values()])
+        world = _world_size()
+        if world > 1:
+            torch.distributed.all_reduce(flat)
+            flat /= world
+        for name, part in zip(batch_means, flat.split([v.numel() for v in batch_means.values()])):
+            self._update_means(name, part)
 
     @torch.no_grad()
     def to_map(self, source: ModelId | str | None = None, anchors: int | None = None) -> OrthogonalMap:

@@ -1,0 +1,163 @@
+"""LearnedQ under DDP: two real gloo processes on CPU, each seeing different data and starting from a
+different global RNG state, must hold the identical Q (and running means) after the first-batch
+initialisation and after a few training steps.
+
+The plugin must not rely on DDP's buffer broadcast for this (it is optional: ``broadcast_buffers``),
+so both settings are run. Q is non-square (6 -> 8 dims): the orthogonal parametrization then completes
+Q with random columns (its ``base`` buffer), which would differ between ranks unless the plugin shares them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from dualenc.plugins.learned_q import LearnedQ
+from dualenc.plugins.procrustes import procrustes_q
+from dualenc.plugins.targets import Target
+
+WORLD, B, PIX, VOCAB = 2, 8, 12, 40
+SRC, TGT = 6, 8
+STEPS = 4
+TIMEOUT_S = 120
+
+
+class FakeTarget(Target):
+    """A frozen 'model': fixed linear maps of the flattened pixels and a fixed table of word vectors."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)  # the same on every rank
+        self.w = torch.randn(PIX, TGT, generator=g)
+        self.table = torch.randn(VOCAB, TGT, generator=g)
+        self.name, self.embed_dim = "fake", TGT
+
+    def _image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.flatten(1) @ self.w
+
+    def _text(self, texts: list[str]) -> torch.Tensor:
+        return self.table[torch.tensor([int(t[1:]) for t in texts])]
+
+
+class Student(nn.Module):
+    def __init__(self, plugin: LearnedQ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Linear(PIX, SRC)
+        self.text = nn.Embedding(VOCAB, SRC)
+        self.plugin = plugin
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = SimpleNamespace(image_features=F.normalize(self.image(batch["image"].flatten(1)), dim=-1),
+                              text_features=F.normalize(self.text(batch["ids"]), dim=-1))
+        return sum(self.plugin.training_losses(batch, out).values())
+
+
+def _batch(rank: int, step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 * rank + step)  # every rank sees other data
+    ids = torch.randint(0, VOCAB, (B,), generator=g)
+    return {"image": torch.randn(B, 3, 2, 2, generator=g) + rank, "ids": ids, "text": [f"w{i}" for i in ids.tolist()]}
+
+
+def _state(plugin: LearnedQ) -> dict[str, torch.Tensor]:
+    s = {"q": plugin.q.detach().clone()}
+    s.update({k: v.detach().clone() for k, v in plugin.named_buffers()})  # means, steps, the parametrization's base
+    return s
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        results: dict[str, torch.Tensor] = {}
+        for broadcast in (False, True):
+            plugin = LearnedQ(FakeTarget(), kernel_weight=1.0, embed_dim=SRC, mean_momentum=0.5)
+            model = nn.parallel.DistributedDataParallel(Student(plugin), broadcast_buffers=broadcast)
+            torch.manual_seed(123 + 7 * rank)  # a different global RNG state on each rank from here on
+            opt = torch.optim.SGD(model.parameters(), lr=0.2)
+            tag = f"bb{int(broadcast)}"
+            for step in range(STEPS):
+                batch = _batch(rank, step)
+                if step == 0:  # what this rank alone would fit on its first batch (the test's teeth)
+                    with torch.no_grad():
+                        f = model.module.image(batch["image"].flatten(1))
+                        ft = plugin.target.encode_image(batch["image"])
+                        f = F.normalize(f, dim=-1).double()
+                        results[f"{tag}/local_q"] = procrustes_q(f - f.mean(0), ft.double() - ft.double().mean(0),
+                                                                 use_scipy=False).float()
+                loss = model(batch)
+                if step == 0:
+                    results.update({f"{tag}/init/{k}": v for k, v in _state(plugin).items()})
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            results.update({f"{tag}/end/{k}": v for k, v in _state(plugin).items()})
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("learned_q_ddp")
+    here = Path(__file__).resolve()
+    saved = list(sys.path)
+    sys.path[:0] = [str(here.parent), str(here.parents[1])]  # children unpickle _worker by module name
+    try:
+        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    finally:
+        sys.path[:] = saved
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [torch.load(Path(out, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("broadcast_buffers", [False, True])
+def test_ranks_hold_the_same_q_and_means(ranks, broadcast_buffers: bool) -> None:
+    r0, r1 = ranks
+    tag = f"bb{int(broadcast_buffers)}"
+    # The ranks' own first-batch fits differ, so agreement below is the plugin's doing.
+    assert not torch.allclose(r0[f"{tag}/local_q"], r1[f"{tag}/local_q"], atol=1e-3)
+    torch.testing.assert_close(r0[f"{tag}/init/q"], r0[f"{tag}/local_q"], atol=1e-5, rtol=0)  # rank 0's fit wins
+    for phase in ("init", "end"):
+        keys = sorted(k for k in r0 if k.startswith(f"{tag}/{phase}/"))
+        assert {f"{tag}/{phase}/{k}" for k in ("q", "image_source_mean", "image_target_mean", "text_source_mean",
+                                               "text_target_mean", "steps")} <= set(keys)
+        for k in keys:
+            torch.testing.assert_close(r0[k], r1[k], atol=0, rtol=0, msg=f"{k} differs between ranks")
+    q = r0[f"{tag}/end/q"]
+    torch.testing.assert_close(q.T @ q, torch.eye(SRC), atol=1e-5, rtol=0)  # still (semi-)orthogonal
+    assert not torch.allclose(q, r0[f"{tag}/init/q"], atol=1e-4)  # and it did train
+    assert int(r0[f"{tag}/end/steps"]) == STEPS
