@@ -14,12 +14,24 @@ captions, then measures dualenc's real path:
 at 224 px and 289 px. Then: workers needed to feed one GPU at the performance issue's H100 rates,
 ``ceil(gpu_rate / per_worker_rate)``, and whether 16 workers deliver at least twice those rates.
 
+Each CPU-saving lever of ``WebDataModule`` is timed on its own against the baseline (every lever
+off: float normalized tensors from the workers, the tower's bicubic filter, full JPEG decodes), then
+the new defaults together and all levers together (``--levers`` picks which):
+
+- ``uint8``: workers send uint8 images, normalized on the device (``uint8_images``);
+- ``draft_safe``: JPEG draft decode keeping every crop at full resolution (``jpeg_draft``);
+- ``draft_crop_scale``: draft decode keeping full resolution only for crops of at least
+  ``--draft-crop-scale`` of the image (``draft_crop_scale``; opt-in: smaller crops get upsampled);
+- ``bilinear``: ``--interpolation`` instead of the tower's bicubic (``interpolation``; opt-in);
+- ``eval``: the validation path (resize + center crop) with and without the safe draft decode.
+
     python bench/bench_data.py                     # writes bench/results/data_throughput_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -37,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+LEVERS = ("uint8", "draft_safe", "draft_crop_scale", "bilinear", "defaults", "all", "eval")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Training throughput of one H100 at batch 256 (bf16), from the performance issue: samples/s.
 GPU_RATES = {"effnet_b0-bert": 2546.0, "vit_b16-bert": 1784.0}
@@ -134,17 +147,46 @@ def best_of(repeats: int, fn: Callable[[], dict[str, Any]], key: str) -> dict[st
     return best
 
 
+# Every lever off: what the data path did before them.
+BASELINE = {"uint8_images": False, "jpeg_draft": False, "draft_crop_scale": None, "interpolation": None}
+
+
+def lever_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """WebDataModule arguments of each timed variant: one lever at a time, then combined."""
+    variants = {
+        "baseline": {},
+        "uint8": {"uint8_images": True},
+        "draft_safe": {"jpeg_draft": True},
+        "draft_crop_scale": {"jpeg_draft": True, "draft_crop_scale": args.draft_crop_scale},
+        "bilinear": {"interpolation": args.interpolation},
+        "defaults": {"uint8_images": True, "jpeg_draft": True},
+        "all": {"uint8_images": True, "jpeg_draft": True, "draft_crop_scale": args.draft_crop_scale,
+                "interpolation": args.interpolation},
+    }
+    return {name: {**BASELINE, **v} for name, v in variants.items() if name in args.levers or name == "baseline"}
+
+
+def datamodule(shard_dir: str, cfg: dict[str, Any], tokenize: Callable | None, batch_size: int, workers: int,
+               settings: dict[str, Any]) -> Any:
+    from dualenc.data.datamodule import WebDataModule
+
+    dm = WebDataModule(train=shard_dir, batch_size=batch_size, num_workers=workers, shuffle_buffer=256, **settings)
+    dm.set_preprocessing(cfg, tokenize)
+    return dm
+
+
 def stage_rates(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_size: int,
-                repeats: int) -> dict[str, Any]:
+                repeats: int, settings: dict[str, Any] | None = None,
+                stages: tuple[str, ...] = ("tar_read", "decode", "decode_augment", "decode_augment_collate"),
+                train: bool = True) -> dict[str, Any]:
     """Samples/s of each cumulative stage of the per-sample path, in this process (best of ``repeats``)."""
-    from dualenc.data.decode import SampleDecoder
     from dualenc.data.sources import expand_urls
     from dualenc.data.tario import iter_samples
-    from dualenc.data.transforms import Collate, image_transform
+    from dualenc.data.transforms import Collate
 
     urls = expand_urls(shard_dir)
-    decoder = SampleDecoder()
-    transform = image_transform(cfg, train=True)
+    dm = datamodule(shard_dir, cfg, tokenize, batch_size, 0, {**BASELINE, **(settings or {})})
+    decoder, transform = dm.preprocessing(train)
     collate = Collate(tokenize, decoder.skipped)
     raw = [s for u in urls for s in iter_samples(u, decoder.wanted, decoder.skipped)]  # bytes in memory
 
@@ -175,17 +217,19 @@ def stage_rates(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_s
                 n, batch = n + len(batch), []
         return n
 
-    stages = {"tar_read": read, "decode": decode, "decode_augment": augment, "decode_augment_collate": full}
-    return {name: timed(fn) for name, fn in stages.items()}
+    fns = {"tar_read": read, "decode": decode, "decode_augment": augment, "decode_augment_collate": full}
+    out = {name: timed(fns[name]) for name in stages}
+    if decoder.draft_min_side:
+        drafted = sum(1 for s in raw if min(Image.open(io.BytesIO(s["jpg"])).size) >= 2 * decoder.draft_min_side)
+        out["drafted_fraction"] = drafted / len(raw)
+        out["draft_min_side"] = decoder.draft_min_side
+    return out
 
 
 def loader_rate(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_size: int,
-                workers: int) -> dict[str, float]:
+                workers: int, settings: dict[str, Any] | None = None) -> dict[str, float]:
     """The WebDataModule train loader: samples/s after the first batch arrives, and from iter() on."""
-    from dualenc.data.datamodule import WebDataModule
-
-    dm = WebDataModule(train=shard_dir, batch_size=batch_size, num_workers=workers, shuffle_buffer=256)
-    dm.set_preprocessing(cfg, tokenize)
+    dm = datamodule(shard_dir, cfg, tokenize, batch_size, workers, {**BASELINE, **(settings or {})})
     loader = dm.train_dataloader()
     t0 = time.perf_counter()
     it = iter(loader)
@@ -196,6 +240,49 @@ def loader_rate(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_s
     n = len(first["image"]) + n_rest
     return {"workers": workers, "samples": n, "samples_per_s": n_rest / (t2 - t1),
             "samples_per_s_incl_startup": n / (t2 - t0), "first_batch_s": t1 - t0}
+
+
+def measure_levers(args: argparse.Namespace, shard_dir: str, cfg: dict[str, Any], tokenize: Callable) -> dict[str, Any]:
+    """Per lever: stage rates, the 0-worker loader (the per-worker rate), and feeding figures.
+
+    The variants are interleaved run by run (not one after the other) so that changes in the
+    machine's load hit them alike; the fastest run of each is kept.
+    """
+    variants = lever_settings(args)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, settings in variants.items():
+            st = stage_rates(shard_dir, cfg, tokenize, args.batch_size, 1, settings,
+                             stages=("decode", "decode_augment_collate"))
+            ld = loader_rate(shard_dir, cfg, tokenize, args.batch_size, 0, settings)
+            runs[name].append({"stages": st, "loader": ld})
+    out: dict[str, Any] = {}
+    for name, rs in runs.items():
+        best = max(rs, key=lambda r: r["loader"]["samples_per_s"])
+        per_worker = best["loader"]["samples_per_s"]
+        out[name] = {"settings": variants[name], "per_worker_samples_per_s": per_worker,
+                     "all_runs_per_worker": [r["loader"]["samples_per_s"] for r in rs],
+                     "stages_samples_per_s": {k: (v["samples_per_s"] if isinstance(v, dict) else v)
+                                              for k, v in best["stages"].items()},
+                     "feeding": feeding(per_worker, "linear scaling")}
+    base = out["baseline"]["per_worker_samples_per_s"]
+    for name, lv in out.items():
+        lv["speedup_vs_baseline"] = lv["per_worker_samples_per_s"] / base
+    if 2 in args.workers:  # processes and IPC: where uint8 saves bytes
+        for name in ("baseline", "defaults", "all"):
+            if name in out:
+                out[name]["loader_2_workers"] = best_of(
+                    args.repeats, lambda: loader_rate(shard_dir, cfg, tokenize, args.batch_size, 2, variants[name]),
+                    "samples_per_s")["samples_per_s"]
+    if "eval" in args.levers:  # validation path: resize + center crop, with and without the safe draft
+        ev = {}
+        for name, settings in (("baseline", {}), ("draft_safe", {"jpeg_draft": True}),
+                               ("defaults", {"uint8_images": True, "jpeg_draft": True})):
+            st = stage_rates(shard_dir, cfg, None, args.batch_size, args.repeats, settings,
+                             stages=("decode", "decode_augment"), train=False)
+            ev[name] = {k: (v["samples_per_s"] if isinstance(v, dict) else v) for k, v in st.items()}
+        out["eval"] = ev
+    return out
 
 
 def feeding(per_worker: float, cores_note: str) -> dict[str, Any]:
@@ -227,11 +314,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Per-worker rate: the whole loader path in one process (0 workers): no IPC, no idle core.
             per_worker = next((x["samples_per_s"] for x in loaders if x["workers"] == 0),
                               stages["decode_augment_collate"]["samples_per_s"])
+            levers = measure_levers(args, tmp, cfg, tokenize)
             results[f"{size}px"] = {
                 "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                "baseline": "every lever off (the data path before them)",
                 "stages_samples_per_s": stages, "loader": loaders, "per_worker_samples_per_s": per_worker,
                 "feeding": feeding(per_worker, "linear scaling: one free core per worker, GPU process aside"),
+                "levers": levers,
+                "load_average_after": os.getloadavg(),
             }
+            for name, lv in levers.items():
+                if name == "eval":
+                    print("  eval path (decode + resize + center crop): " + ", ".join(
+                        f"{k} {v['decode_augment']:.1f}/s" for k, v in lv.items()), flush=True)
+                    continue
+                print(f"  lever {name}: per worker {lv['per_worker_samples_per_s']:.1f}/s "
+                      f"({lv['speedup_vs_baseline']:.2f}x)" + (f", 2 workers {lv['loader_2_workers']:.1f}/s"
+                                                               if "loader_2_workers" in lv else ""), flush=True)
             print(f"{size}px: " + ", ".join(f"{k} {v['samples_per_s']:.1f}/s" for k, v in stages.items()), flush=True)
             for x in loaders:
                 print(f"  loader {x['workers']} worker(s): {x['samples_per_s']:.1f} samples/s "
@@ -251,7 +350,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"samples": args.samples, "per_shard": args.per_shard, "batch_size": args.batch_size,
                      "tokens": args.tokens, "sizes": args.sizes, "workers": args.workers, "repeats": args.repeats,
                      "torch_threads_in_process": 1,
-                     "augmentation": "timm train: RandomResizedCrop(0.08-1) + hflip 0.5"},
+                     "augmentation": "timm train: RandomResizedCrop(0.08-1) + hflip 0.5",
+                     "levers": args.levers, "draft_crop_scale": args.draft_crop_scale,
+                     "interpolation": args.interpolation},
         "shards": shards,
         "results": results,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -291,6 +392,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 289])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is kept")
+    p.add_argument("--levers", nargs="*", default=list(LEVERS), choices=LEVERS,
+                   help="data-path levers to time one by one against the baseline (none: skip)")
+    p.add_argument("--draft-crop-scale", type=float, default=0.25,
+                   help="draft_crop_scale of the draft_crop_scale lever (smallest crop kept at full resolution)")
+    p.add_argument("--interpolation", default="bilinear", help="filter of the bilinear lever")
     p.add_argument("--synthetic", action="store_true", help="use synthetic images even if scikit-image is present")
     p.add_argument("--preliminary", action="store_true", help="mark the result preliminary (loaded machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "data_throughput_cpu.json")

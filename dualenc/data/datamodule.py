@@ -14,7 +14,7 @@ from dualenc.data.decode import SampleDecoder
 from dualenc.data.sources import count_samples, expand_urls
 from dualenc.data.stream import ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
-from dualenc.data.transforms import Collate, image_transform
+from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
 
 
 @dataclass
@@ -69,6 +69,19 @@ class WebDataModule(L.LightningDataModule):
         caption_key: extension of the caption member (``txt``), or ``json`` with ``caption_field``.
         caption_field: field of the JSON member holding the caption.
         crop_scale / hflip / color_jitter: training augmentation (timm's random resized crop).
+        uint8_images: workers send uint8 images; they become float and are normalized with the
+            tower's mean/std on the device, in ``on_after_batch_transfer`` (a quarter of the bytes
+            between processes and to the GPU, and no float work in the workers). Off: float
+            normalized images from the workers, as ``eval_loader`` gives.
+        jpeg_draft: decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the
+            transform still gets its full output resolution (``transforms.draft_min_side``): for
+            validation the resize target, for training the smallest crop of ``draft_crop_scale``.
+        draft_crop_scale: the smallest crop fraction (of the image area) that must keep full
+            resolution when drafting training images; default ``crop_scale[0]``, which never gives
+            the model fewer source pixels than a full decode. Larger values (e.g. 0.25, 1.0) decode
+            faster, and crops smaller than that are upsampled from the reduced image.
+        interpolation: resize filter instead of the tower's data config's (``bilinear`` is cheaper
+            than ``bicubic``; a pretrained tower was trained with its own).
         max_pixels: larger images are skipped (decompression bombs).
         seed: shuffling seed.
     """
@@ -90,6 +103,10 @@ class WebDataModule(L.LightningDataModule):
         color_jitter: float | None = None,
         max_pixels: int = 89_478_485,
         seed: int = 0,
+        uint8_images: bool = True,
+        jpeg_draft: bool = True,
+        draft_crop_scale: float | None = None,
+        interpolation: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -99,6 +116,10 @@ class WebDataModule(L.LightningDataModule):
         self.decoder_args = dict(caption_key=caption_key, caption_field=caption_field, max_pixels=max_pixels)
         self.aug = dict(scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter)
         self.seed = seed
+        self.uint8_images, self.jpeg_draft, self.interpolation = uint8_images, jpeg_draft, interpolation
+        if draft_crop_scale is not None and not 0 < draft_crop_scale <= 1:
+            raise ValueError(f"draft_crop_scale must be in (0, 1], got {draft_crop_scale}")
+        self.draft_crop_scale = draft_crop_scale
         self.data_config: dict[str, Any] | None = None
         self.tokenize: Callable | None = None
         # Fail at construction, not hours later, when a pattern matches nothing.
@@ -151,12 +172,32 @@ class WebDataModule(L.LightningDataModule):
         if per_worker == 0:
             raise ValueError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
                              f"worker on {world} rank(s) x {workers} worker(s); lower batch_size or num_workers")
-        decoder = SampleDecoder(**self.decoder_args)
+        decoder, transform = self.preprocessing(train)
         stream = ShardStream(
-            sources, decoder, decoder.wanted, decoder.skipped, image_transform(self.data_config, train=train, **self.aug),
+            sources, decoder, decoder.wanted, decoder.skipped, transform,
             Collate(self.tokenize, decoder.skipped), self.batch_size, per_worker, rank, world,
             shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed)
         return StreamLoader(stream, num_workers, self._epoch)
+
+    def preprocessing(self, train: bool) -> tuple[SampleDecoder, Callable]:
+        """The per-sample decoder and image transform the workers run."""
+        if self.data_config is None:
+            raise RuntimeError("call set_preprocessing(...) or run under a Trainer first")
+        min_side = None
+        if self.jpeg_draft:
+            crop = self.draft_crop_scale if self.draft_crop_scale is not None else self.aug["scale"][0]
+            min_side = draft_min_side(self.data_config, train, (crop, 1.0))
+        decoder = SampleDecoder(**self.decoder_args, draft_min_side=min_side)
+        transform = image_transform(self.data_config, train=train, **self.aug, interpolation=self.interpolation,
+                                    uint8=self.uint8_images)
+        return decoder, transform
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images (``uint8_images``) -> float, normalized with the tower's mean/std, on the device."""
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            batch["image"] = normalize_uint8(image, self.data_config["mean"], self.data_config["std"])
+        return batch
 
     def train_dataloader(self) -> StreamLoader:
         if not self.train_sources:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -21,12 +22,16 @@ class SampleDecoder:
 
     def __init__(self, caption_key: str | None = "txt", label_key: str | None = None,
                  image_keys: tuple[str, ...] = IMAGE_EXTS, max_pixels: int = 89_478_485,
-                 caption_field: str | None = None) -> None:
+                 caption_field: str | None = None, draft_min_side: int | None = None) -> None:
         self.caption_key = caption_key
         self.caption_field = caption_field  # caption inside a JSON member (e.g. img2dataset's .json)
         self.label_key = label_key
         self.image_keys = image_keys
         self.max_pixels = max_pixels  # PIL's own decompression-bomb default
+        # JPEGs whose shorter side is at least twice this decode at 1/2, 1/4 or 1/8 scale (libjpeg's
+        # DCT scaling, PIL's draft mode) keeping the shorter side >= draft_min_side: less work in the
+        # decoder and in the resize after it. See transforms.draft_min_side for a safe value.
+        self.draft_min_side = draft_min_side
         self.skipped: Counter[str] = Counter()
 
     def wanted(self, member_name: str) -> bool:
@@ -62,6 +67,8 @@ class SampleDecoder:
                 img = Image.open(io.BytesIO(sample[key]))
                 if img.width * img.height > self.max_pixels:
                     return self._skip("too_many_pixels")
+                if self.draft_min_side and img.format == "JPEG":
+                    self._draft(img, self.draft_min_side)
                 img = img.convert("RGB")  # forces the full decode: truncated files fail here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return self._skip("too_many_pixels")
@@ -74,6 +81,13 @@ class SampleDecoder:
             except (KeyError, ValueError, UnicodeDecodeError):
                 return self._skip("bad_label")
         return out
+
+    @staticmethod
+    def _draft(img: Image.Image, min_side: int) -> None:
+        w, h = img.size
+        short = min(w, h)
+        if short >= 2 * min_side:  # PIL keeps both sides >= the requested ones
+            img.draft("RGB", (math.ceil(w * min_side / short), math.ceil(h * min_side / short)))
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] += 1
