@@ -4,7 +4,10 @@ Input adapters ``A_a``, ``A_b`` into a shared latent, a shared backbone ``T``, o
 ``B_a``, ``B_b``; every block an MLP with a residual connection, LayerNorm and SiLU. Trained on two
 *unpaired* sets with: adversarial losses on both output spaces and on the latents, reconstruction,
 cycle consistency, and vector-space preservation (pairwise similarities within a batch kept).
-GAN training is unstable (the paper keeps the best of several seeds): ``train_vec2vec`` is seeded.
+GAN training is unstable (the paper keeps the best of several seeds): ``train_vec2vec`` is seeded, and
+``train_vec2vec_best`` trains several seeds and keeps the one with the lowest unsupervised score
+(``unsupervised_score``: cycle consistency, vector-space preservation and an MMD between translated and
+real embeddings of each space; no pairs are used).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +134,9 @@ class Vec2VecMap(EmbeddingMap):
 
     @classmethod
     def fit_embeddings(cls, source: Any, target: Any, **kwargs: Any) -> "Vec2VecMap":
-        return train_vec2vec(source.get("image"), target.get("image"), source=source.model, target=target.model,
-                             **kwargs)[0]
+        """CLI entry; ``seeds: [0, 1, 2]`` in the arguments trains each and keeps the best (``train_vec2vec_best``)."""
+        fit = train_vec2vec_best if "seeds" in kwargs else train_vec2vec
+        return fit(source.get("image"), target.get("image"), source=source.model, target=target.model, **kwargs)[0]
 
 
 def train_vec2vec(
@@ -204,3 +208,67 @@ def train_vec2vec(
                           "steps": steps, "seed": seed, "weights": dataclasses.asdict(w),
                           "source_count": len(xa), "target_count": len(xb)})
     return Vec2VecMap(copy.deepcopy(net).eval(), meta), log
+
+
+Translate = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> float:
+    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimator); the bandwidth defaults to
+    the median pairwise distance within ``y`` (the real embeddings)."""
+    dyy = torch.cdist(y, y)
+    if bandwidth is None:
+        off = dyy[~torch.eye(len(y), dtype=torch.bool)]
+        bandwidth = float(off.median()) if off.numel() else 1.0
+    gamma = 1.0 / (2 * max(bandwidth, 1e-6) ** 2)
+    k = lambda d: torch.exp(-gamma * d.pow(2)).mean()  # noqa: E731
+    return float(k(torch.cdist(x, x)) + k(dyy) - 2 * k(torch.cdist(x, y)))
+
+
+@torch.no_grad()
+def unsupervised_score(a_to_b: Translate, b_to_a: Translate, a: torch.Tensor, b: torch.Tensor, n: int = 1024,
+                       seed: int = 0) -> dict[str, float]:
+    """How well a translator pair fits two *unpaired* sets, without any pair: lower is better.
+
+    ``cycle``: a -> b -> a (and back) returns the input; ``vsp``: pairwise similarities survive the
+    translation; ``mmd``: translated a looks like real b (and back), which the other two cannot see (an
+    identity "translation" has no cycle or vsp error). ``score`` is their sum. Up to ``n`` rows per side
+    (seeded sample) keep it cheap.
+    """
+    g = torch.Generator().manual_seed(seed)
+    xa = F.normalize(as_matrix(a, "space a embeddings", torch.float32), dim=-1)
+    xb = F.normalize(as_matrix(b, "space b embeddings", torch.float32), dim=-1)
+    xa = xa[torch.randperm(len(xa), generator=g)[:n]]
+    xb = xb[torch.randperm(len(xb), generator=g)[:n]]
+    ab, ba = F.normalize(a_to_b(xa).float(), dim=-1), F.normalize(b_to_a(xb).float(), dim=-1)
+    cycle = float((F.normalize(b_to_a(ab).float(), dim=-1) - xa).pow(2).sum(-1).mean()
+                  + (F.normalize(a_to_b(ba).float(), dim=-1) - xb).pow(2).sum(-1).mean())
+    vsp = float(_vsp(ab, xa) + _vsp(ba, xb))
+    mmd = mmd2(ab, xb) + mmd2(ba, xa)
+    return {"cycle": cycle, "vsp": vsp, "mmd": mmd, "score": cycle + vsp + mmd}
+
+
+def train_vec2vec_best(a: torch.Tensor, b: torch.Tensor, *, seeds: Sequence[int] = (0, 1, 2), score_rows: int = 1024,
+                       **kwargs: Any) -> tuple[Vec2VecMap, list[dict[str, float]]]:
+    """``train_vec2vec`` once per seed; keep the run with the lowest ``unsupervised_score`` on the training sets.
+
+    Returns the chosen map (its metadata records every seed's score under ``selection``) and the per-seed
+    scores. No pair is used: this is the selection an unpaired user can make.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if "seed" in kwargs:
+        raise ValueError("give `seeds` (a list) to select among, not `seed`")
+    runs, scores = [], []
+    for s in seeds:
+        m, _ = train_vec2vec(a, b, seed=s, **kwargs)
+        inv = m.inverse()
+        sc = unsupervised_score(m.apply, inv.apply, a, b, n=score_rows)
+        runs.append(m)
+        scores.append({"seed": s, **sc})
+    best = min(range(len(seeds)), key=lambda i: scores[i]["score"])
+    chosen = runs[best]
+    chosen.meta.extra["selection"] = {"criterion": "unsupervised_score (cycle + vsp + mmd)", "chosen_seed": seeds[best],
+                                      "scores": scores}
+    return chosen, scores
