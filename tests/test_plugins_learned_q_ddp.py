@@ -5,12 +5,14 @@ initialisation and after a few training steps.
 The plugin must not rely on DDP's buffer broadcast for this (it is optional: ``broadcast_buffers``),
 so both settings are run. Q is non-square (6 -> 8 dims): the orthogonal parametrization then completes
 Q with random columns (its ``base`` buffer), which would differ between ranks unless the plugin shares them.
+A last test runs ``dualenc fit`` with the plugin under Lightning's DDP on 2 CPU processes.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from dualenc.plugins.learned_q import LearnedQ
@@ -161,3 +164,32 @@ def test_ranks_hold_the_same_q_and_means(ranks, broadcast_buffers: bool) -> None
     torch.testing.assert_close(q.T @ q, torch.eye(SRC), atol=1e-5, rtol=0)  # still (semi-)orthogonal
     assert not torch.allclose(q, r0[f"{tag}/init/q"], atol=1e-4)  # and it did train
     assert int(r0[f"{tag}/end/steps"]) == STEPS
+
+
+def test_lightning_ddp_fit_with_learned_q(tmp_path: Path, demo_data: Path) -> None:
+    """Setting the first-batch Q by assignment once swapped the parameter's storage: DDP then saw Q as unused
+    and the second step failed. Four steps of a real 2-process fit must run and checkpoint Q."""
+    from test_eval_support import tiny_model
+    from tests_helpers import REPO, tiny_config
+
+    from dualenc.export import export_model
+
+    teacher = export_model(tiny_model(5), tmp_path / "teacher")
+    cfg = tiny_config(tmp_path, demo_data, max_steps=4)
+    c = yaml.safe_load(cfg.read_text())
+    c["model"]["plugins"] = [{"class_path": "dualenc.plugins.LearnedQ",
+                              "init_args": {"target": "dualenc", "target_args": {"path": str(teacher)},
+                                            "kernel_weight": 1.0}}]
+    cfg.write_text(yaml.safe_dump(c))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [str(Path(sys.executable).parent / "dualenc"), "fit", "--config", str(cfg),
+           "--config", str(REPO / "configs" / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--data.num_workers", "0", "--trainer.sync_batchnorm", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    state = ckpt["state_dict"]
+    assert int(state["plugins.0.steps"]) == 4
+    q = state["plugins.0.map.parametrizations.weight.original"]
+    assert q.shape == (16, 16) and torch.isfinite(q).all()
