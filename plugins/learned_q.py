@@ -60,7 +60,8 @@ class LearnedQ(nn.Module):
             or the path of a fitted ``procrustes`` map file (``dualenc align fit``). For square ``Q``
             the start matters beyond speed: the parametrization never changes ``det Q``, so a start
             with the wrong sign (a reflection between the models) can never reach the right ``Q``.
-        mean_momentum: EMA rate of the running means kept for ``to_map()``.
+        mean_momentum: EMA rate of the running means kept for ``to_map()`` (means of the global batch:
+            under DDP the ranks' batch means are averaged, so every rank keeps the same).
     """
 
     def __init__(
