@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from dualenc.distributed import gather_features, gather_with_grad, world_info
 from dualenc.losses import get_loss
+from tests_helpers import spawn_ranks
 
 WORLD = 2
 LOCAL_B = 4
@@ -129,38 +126,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ranks")
-    # Spawned children unpickle _worker by module name; make this file importable there whatever
-    # pytest's import mode (children copy sys.path at start, so restore it right after).
-    here = Path(__file__).resolve()
-    saved_path = list(sys.path)
-    sys.path[:0] = [str(here.parent), str(here.parents[1])]
-    try:
-        ctx = mp.start_processes(
-            _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-        )
-    finally:
-        sys.path[:] = saved_path
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # re-raises a worker's exception with its traceback
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:  # only our own children, and only if still running
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_ranks(_worker, (str(out),), WORLD, TIMEOUT_S)
     return [torch.load(Path(out, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_eval_support import tiny_model, write_caption_shards, write_labelled_shards
 from test_eval_support import one_thread  # noqa: F401 - autouse fixture
 
 from dualenc.eval.callback import EvalCallback
 from dualenc.eval.suite import EvalSuite
+from tests_helpers import spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 60
@@ -63,36 +60,11 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def rank_results(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ranks")
-    # Spawned children unpickle _worker by module name: make tests/ importable there.
-    here = Path(__file__).resolve()
-    saved_path = list(sys.path)
-    sys.path[:0] = [str(here.parent), str(here.parents[1])]
-    try:
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(data), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    finally:
-        sys.path[:] = saved_path
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # re-raises a worker's exception with its traceback
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed evaluation did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:  # only our own children, and only if still running
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_ranks(_worker, (str(data), str(out)), WORLD, TIMEOUT_S)
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -11,10 +11,8 @@ A last test runs ``dualenc fit`` with the plugin under Lightning's DDP on 2 CPU 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -30,6 +27,7 @@ from torch import nn
 from dualenc.plugins.learned_q import LearnedQ
 from dualenc.plugins.procrustes import procrustes_q
 from dualenc.plugins.targets import Target
+from tests_helpers import spawn_ranks
 
 WORLD, B, PIX, VOCAB = 2, 8, 12, 40
 SRC, TGT = 6, 8
@@ -115,35 +113,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("learned_q_ddp")
-    here = Path(__file__).resolve()
-    saved = list(sys.path)
-    sys.path[:0] = [str(here.parent), str(here.parents[1])]  # children unpickle _worker by module name
-    try:
-        ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    finally:
-        sys.path[:] = saved
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_ranks(_worker, (str(out),), WORLD, TIMEOUT_S)
     return [torch.load(Path(out, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

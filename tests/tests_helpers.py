@@ -60,3 +60,44 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, args: tuple, world: int, timeout_s: float) -> None:
+    """Runs ``worker(rank, port, *args)`` in ``world`` spawned processes (gloo tests); a worker's exception
+    is re-raised here with its traceback, and a run past ``timeout_s`` fails the test."""
+    import sys
+    import time
+
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # Spawned children unpickle the worker by module name, so tests/ must be importable there; they
+    # copy sys.path when they start, so it is restored right after.
+    here = Path(__file__).resolve()
+    saved = list(sys.path)
+    sys.path[:0] = [str(here.parent), str(here.parents[1])]
+    try:
+        ctx = mp.start_processes(worker, args=(free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    finally:
+        sys.path[:] = saved
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {timeout_s}s")
+    finally:
+        for p in ctx.processes:  # only our own children, and only if still running
+            if p.is_alive():
+                p.kill()
+                p.join(5)
