@@ -335,11 +335,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for x in loaders:
                 print(f"  loader {x['workers']} worker(s): {x['samples_per_s']:.1f} samples/s "
                       f"({x['samples_per_s_incl_startup']:.1f} incl. start-up, first batch {x['first_batch_s']:.2f} s)")
-            for name, f in results[f"{size}px"]["feeding"].items():
-                if name != "assumes":
-                    print(f"  {name} at {f['gpu_samples_per_s']:.0f}/s: {f['workers_needed']} workers "
-                          f"(2x: {f['workers_needed_for_2x']}); 16 workers give {f['16_workers_samples_per_s']:.0f}/s "
-                          f"-> {'feeds' if f['16_workers_feed_2x'] else 'does NOT feed'} 2x")
+            paths = [("all levers off", results[f"{size}px"]["feeding"])]
+            if "defaults" in levers:  # what a user gets without setting anything
+                paths.append(("defaults", levers["defaults"]["feeding"]))
+            for path, feed in paths:
+                for name, f in feed.items():
+                    if name != "assumes":
+                        print(f"  {path}: {name} at {f['gpu_samples_per_s']:.0f}/s: {f['workers_needed']} workers "
+                              f"(2x: {f['workers_needed_for_2x']}); 16 workers give "
+                              f"{f['16_workers_samples_per_s']:.0f}/s -> "
+                              f"{'feeds' if f['16_workers_feed_2x'] else 'does NOT feed'} 2x")
     return {
         "benchmark": "data_throughput",
         "preliminary": args.preliminary,
