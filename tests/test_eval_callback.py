@@ -93,7 +93,7 @@ def _batches(model, n: int = 2) -> list[dict]:
             for _ in range(n)]
 
 
-def test_callback_logs_under_lightning(data: Path, tmp_path: Path) -> None:
+def test_callback_logs_under_lightning(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -117,8 +117,19 @@ def test_callback_logs_under_lightning(data: Path, tmp_path: Path) -> None:
     assert cb.last_metrics == pytest.approx({f"eval/{k}": v for k, v in expected.items()}, abs=1e-6)
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     assert [r["step"] for r in rows if r.get("eval/cls/top1")] == ["2", "4"]  # once per evaluation
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval at step")]
+    assert printed == [f"eval at step {n}: cls/top1 {v:.3f}, cap/image_retrieval_recall@1 {r:.3f}, "
+                       f"cap/text_retrieval_recall@1 {t:.3f}" for n, v, r, t in
+                       [(2, *printed_values(tmp_path / "results" / "eval-step00000002.json")),
+                        (4, *printed_values(tmp_path / "results" / "eval-step00000004.json"))]]
     records = json.loads((tmp_path / "results" / "eval-step00000004.json").read_text())
     assert [r["task"] for r in records] == ["zeroshot_classification", "zeroshot_retrieval"]
+
+
+def printed_values(path: Path) -> tuple[float, float, float]:
+    records = {r["task"]: r["metrics"] for r in json.loads(path.read_text())}
+    rt = records["zeroshot_retrieval"]
+    return (records["zeroshot_classification"]["top1"], rt["image_retrieval_recall@1"], rt["text_retrieval_recall@1"])
 
 
 def test_callback_config_errors(data: Path) -> None:

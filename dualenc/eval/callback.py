@@ -28,12 +28,14 @@ class EvalCallback(L.Callback):
         batch_size / num_workers: per rank, for the evaluation data.
         prefix: metric name prefix.
         results_dir: if set, rank 0 writes ``eval-step{global_step}.json`` there (CLIP_benchmark-like records).
+        verbose: rank 0 also prints one line per evaluation (top-1 per zero-shot set, R@1 per retrieval set).
     """
 
     def __init__(self, zeroshot: list[dict[str, Any]] | None = None, retrieval: list[dict[str, Any]] | None = None,
                  every_n_epochs: int | None = 1, every_n_steps: int | None = None, batch_size: int = 256,
                  num_workers: int = 2, prefix: str = "eval", results_dir: str | None = None,
-                 image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK) -> None:
+                 image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK,
+                 verbose: bool = True) -> None:
         if not zeroshot and not retrieval:
             raise ValueError("EvalCallback needs at least one zeroshot or retrieval set")
         for what, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
@@ -45,6 +47,7 @@ class EvalCallback(L.Callback):
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.prefix = prefix
         self.results_dir = results_dir
+        self.verbose = verbose
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
 
@@ -85,6 +88,10 @@ class EvalCallback(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            if self.verbose:
+                headline = [f"{k.removeprefix(self.prefix + '/')} {v:.3f}" for k, v in metrics.items()
+                            if k.endswith(("/top1", "/image_retrieval_recall@1", "/text_retrieval_recall@1"))]
+                print(f"{self.prefix} at step {trainer.global_step}: {', '.join(headline)}", flush=True)
         self.last_metrics = metrics
         if self.results_dir and trainer.is_global_zero:
             model_name = f"{type(pl_module).__name__}@step{trainer.global_step}"
