@@ -23,6 +23,8 @@ the new defaults together and all levers together (``--levers`` picks which):
 - ``draft_crop_scale``: draft decode keeping full resolution only for crops of at least
   ``--draft-crop-scale`` of the image (``draft_crop_scale``; opt-in: smaller crops get upsampled);
 - ``bilinear``: ``--interpolation`` instead of the tower's bicubic (``interpolation``; opt-in);
+- ``pre_resized``: the defaults on a copy of the shards stored at a shorter side of
+  ``--pre-resize-factor`` x the training size (``dualenc-data build --max-short-side``);
 - ``eval``: the validation path (resize + center crop) with and without the safe draft decode.
 
     python bench/bench_data.py                     # writes bench/results/data_throughput_cpu.json
@@ -40,6 +42,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-LEVERS = ("uint8", "draft_safe", "draft_crop_scale", "bilinear", "defaults", "all", "eval")
+LEVERS = ("uint8", "draft_safe", "draft_crop_scale", "bilinear", "defaults", "all", "pre_resized", "eval")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Training throughput of one H100 at batch 256 (bf16), from the performance issue: samples/s.
 GPU_RATES = {"effnet_b0-bert": 2546.0, "vit_b16-bert": 1784.0}
@@ -162,6 +165,8 @@ def lever_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "defaults": {"uint8_images": True, "jpeg_draft": True},
         "all": {"uint8_images": True, "jpeg_draft": True, "draft_crop_scale": args.draft_crop_scale,
                 "interpolation": args.interpolation},
+        # The defaults on shards built with `dualenc-data build --max-short-side` (see pre_resize).
+        "pre_resized": {"uint8_images": True, "jpeg_draft": True},
     }
     return {name: {**BASELINE, **v} for name, v in variants.items() if name in args.levers or name == "baseline"}
 
@@ -242,8 +247,28 @@ def loader_rate(shard_dir: str, cfg: dict[str, Any], tokenize: Callable, batch_s
             "samples_per_s_incl_startup": n / (t2 - t0), "first_batch_s": t1 - t0}
 
 
-def measure_levers(args: argparse.Namespace, shard_dir: str, cfg: dict[str, Any], tokenize: Callable) -> dict[str, Any]:
+def pre_resize(src_dir: str, dst_dir: str, max_short_side: int) -> dict[str, Any]:
+    """The benchmark's shards as `dualenc-data build --max-short-side` stores them (its own load_image)."""
+    from dualenc.data.sources import expand_urls
+    from dualenc.data.tario import iter_samples
+    from dualenc.data_tools.build import load_image
+    from dualenc.data_tools.writer import ShardWriter
+
+    n, nbytes = 0, 0
+    with ShardWriter(dst_dir, max_count=10**9) as writer:
+        for url in expand_urls(src_dir):
+            for s in iter_samples(url, lambda name: name.endswith((".jpg", ".txt")), Counter()):
+                data, ext, _ = load_image(s["jpg"], max_short_side)
+                writer.write(s["__key__"], data, s["txt"].decode("utf-8"), image_ext=ext)
+                n, nbytes = n + 1, nbytes + len(data)
+    return {"max_short_side": max_short_side, "samples": n, "mean_jpeg_kb": nbytes / max(n, 1) / 1024}
+
+
+def measure_levers(args: argparse.Namespace, shard_dir: str, cfg: dict[str, Any], tokenize: Callable,
+                   shard_dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Per lever: stage rates, the 0-worker loader (the per-worker rate), and feeding figures.
+
+    ``shard_dirs``: variants that read other shards than ``shard_dir`` (the pre-resized copy).
 
     The variants are interleaved run by run (not one after the other) so that changes in the
     machine's load hit them alike; the fastest run of each is kept.
@@ -252,9 +277,10 @@ def measure_levers(args: argparse.Namespace, shard_dir: str, cfg: dict[str, Any]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, settings in variants.items():
-            st = stage_rates(shard_dir, cfg, tokenize, args.batch_size, 1, settings,
+            shards = (shard_dirs or {}).get(name, shard_dir)
+            st = stage_rates(shards, cfg, tokenize, args.batch_size, 1, settings,
                              stages=("decode", "decode_augment_collate"))
-            ld = loader_rate(shard_dir, cfg, tokenize, args.batch_size, 0, settings)
+            ld = loader_rate(shards, cfg, tokenize, args.batch_size, 0, settings)
             runs[name].append({"stages": st, "loader": ld})
     out: dict[str, Any] = {}
     for name, rs in runs.items():
@@ -314,7 +340,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Per-worker rate: the whole loader path in one process (0 workers): no IPC, no idle core.
             per_worker = next((x["samples_per_s"] for x in loaders if x["workers"] == 0),
                               stages["decode_augment_collate"]["samples_per_s"])
-            levers = measure_levers(args, tmp, cfg, tokenize)
+            shard_dirs, resized = {}, None
+            if "pre_resized" in args.levers:
+                shard_dirs["pre_resized"] = os.path.join(tmp, f"resized{size}")
+                resized = pre_resize(tmp, shard_dirs["pre_resized"], round(args.pre_resize_factor * size))
+            levers = measure_levers(args, tmp, cfg, tokenize, shard_dirs)
+            if resized is not None:
+                levers["pre_resized"]["shards"] = resized
             results[f"{size}px"] = {
                 "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                 "baseline": "every lever off (the data path before them)",
@@ -402,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-crop-scale", type=float, default=0.25,
                    help="draft_crop_scale of the draft_crop_scale lever (smallest crop kept at full resolution)")
     p.add_argument("--interpolation", default="bilinear", help="filter of the bilinear lever")
+    p.add_argument("--pre-resize-factor", type=float, default=2.0,
+                   help="pre_resized lever: shorter side stored at this times the training size")
     p.add_argument("--synthetic", action="store_true", help="use synthetic images even if scikit-image is present")
     p.add_argument("--preliminary", action="store_true", help="mark the result preliminary (loaded machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "data_throughput_cpu.json")

@@ -7,8 +7,11 @@ Progress and per-shard counts live in ``build_report.json``; a rerun with a diff
 shard size is refused unless asked to overwrite.
 
 Images are stored with their original bytes when they are JPEG, PNG or WebP (extension from
-the actual format, not the file name); anything else is re-encoded as JPEG. Image URLs are
-downloaded with img2dataset, if installed; this module never fetches anything itself.
+the actual format, not the file name); anything else is re-encoded as JPEG. With
+``max_short_side``, larger images are downscaled once here (shorter side to that many pixels,
+aspect kept, re-encoded in their own format, JPEG at quality 95), so training never decodes and
+resizes more pixels than it uses. Image URLs are downloaded with img2dataset, if installed; this
+module never fetches anything itself.
 """
 
 from __future__ import annotations
@@ -193,8 +196,11 @@ def _sidecar_caption(image: Path) -> tuple[str | None, str | None]:
 
 
 # -- reading one image -----------------------------------------------------------------------
-def load_image(data: bytes) -> tuple[bytes, str, dict[str, Any]]:
-    """(bytes to store, extension, json metadata) for an encoded image; raises _Skip if unusable."""
+def load_image(data: bytes, max_short_side: int | None = None) -> tuple[bytes, str, dict[str, Any]]:
+    """(bytes to store, extension, json metadata) for an encoded image; raises _Skip if unusable.
+
+    ``max_short_side``: an image whose shorter side is longer is downscaled to it (Lanczos, aspect
+    kept); ``width``/``height`` in the metadata stay the original's, ``stored_*`` give the new size."""
     try:
         w, h = image_size(data)
         with Image.open(io.BytesIO(data)) as img:
@@ -209,6 +215,12 @@ def load_image(data: bytes) -> tuple[bytes, str, dict[str, Any]]:
         raise _Skip(next(iter(decoder.skipped), "unreadable_image"))
     meta = {"width": w, "height": h, "format": fmt}
     ext = _KEPT_FORMATS.get(fmt)
+    if max_short_side is not None and min(w, h) > max_short_side:
+        scale = max_short_side / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        ext = ext or "jpg"
+        meta.update(stored_width=size[0], stored_height=size[1])
+        return encode_image(decoded["image"].resize(size, Image.Resampling.LANCZOS), ext, quality=95), ext, meta
     if ext is not None:
         return data, ext, meta
     return encode_image(decoded["image"], "jpg", quality=95), "jpg", meta
@@ -266,8 +278,10 @@ def download_rows(rows: dict[int, Row], staging: Path, *, processes: int = 1, th
 
 
 # -- building --------------------------------------------------------------------------------
-def _fingerprint(rows: list[Row], shard_size: int, prefix: str) -> str:
-    h = hashlib.sha256(json.dumps([shard_size, prefix, len(rows)]).encode())
+def _fingerprint(rows: list[Row], shard_size: int, prefix: str, max_short_side: int | None = None) -> str:
+    # max_short_side only when set, so builds made before the option keep their fingerprint.
+    head = [shard_size, prefix, len(rows)] + ([max_short_side] if max_short_side is not None else [])
+    h = hashlib.sha256(json.dumps(head).encode())
     for r in rows:
         h.update(json.dumps([r.source, r.caption, r.path, r.problem]).encode("utf-8"))
     return h.hexdigest()
@@ -292,7 +306,7 @@ def _tar_keys(path: Path) -> list[str] | None:
 
 
 def _write_shard(out: Path, rows: list[Row], j: int, *, shard_size: int, prefix: str, key_width: int,
-                 downloaded: dict[int, str]) -> dict[str, Any]:
+                 downloaded: dict[int, str], max_short_side: int | None = None) -> dict[str, Any]:
     """Write shard j (rows j*shard_size ...) atomically; returns its report entry."""
     first = j * shard_size
     chunk = rows[first:first + shard_size]
@@ -313,7 +327,7 @@ def _write_shard(out: Path, rows: list[Row], j: int, *, shard_size: int, prefix:
                     raise _Skip("missing_file") from e
                 except OSError as e:
                     raise _Skip("unreadable_file") from e
-                image, ext, meta = load_image(data)
+                image, ext, meta = load_image(data, max_short_side)
             except _Skip as s:
                 skipped[str(s)] += 1
                 if len(examples) < _N_EXAMPLES:
@@ -346,6 +360,7 @@ def build_shards(
     info: dict[str, Any] | None = None,
     download_processes: int = 1,
     download_threads: int = 16,
+    max_short_side: int | None = None,
 ) -> dict[str, Any]:
     """Write ``rows`` as shards into ``out_dir``, resuming an interrupted build of the same rows.
 
@@ -356,14 +371,16 @@ def build_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not prefix or "/" in prefix:
         raise ValueError(f"prefix {prefix!r} must be a non-empty file name without '/'")
+    if max_short_side is not None and max_short_side < 1:
+        raise ValueError(f"max_short_side must be >= 1 pixel, got {max_short_side}")
     out = Path(out_dir)
-    fingerprint = _fingerprint(rows, shard_size, prefix)
+    fingerprint = _fingerprint(rows, shard_size, prefix, max_short_side)
     previous = _load_report(out) if out.is_dir() else None
     if out.exists() and (not out.is_dir() or (previous is None and any(out.iterdir()))):
         raise FileExistsError(f"{out} exists and is not an earlier build (no {REPORT_FILE}); choose another "
                               "output directory (build never deletes what it did not write)")
     if previous is not None and previous.get("fingerprint") != fingerprint and not overwrite:
-        raise FileExistsError(f"{out} holds a build of a different input or shard size/prefix; pass "
+        raise FileExistsError(f"{out} holds a build of a different input or shard size/prefix/max_short_side; pass "
                               "overwrite=True (CLI: --overwrite) to rebuild it, or choose another directory")
     rebuild = previous is not None and overwrite  # overwrite: from scratch, even for the same input
 
@@ -387,7 +404,8 @@ def build_shards(
         shutil.rmtree(out)  # it has our report, so it is a build output: ours to delete
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"fingerprint": fingerprint, "input": info or {}, "rows": len(rows),
-                              "shard_size": shard_size, "prefix": prefix, "complete": False}
+                              "shard_size": shard_size, "prefix": prefix, "max_short_side": max_short_side,
+                              "complete": False}
 
     def save() -> None:
         shards = dict(sorted(done.items()))
@@ -410,7 +428,8 @@ def build_shards(
         # remove it, or it would survive if every row of the shard is skipped this time.
         (out / _shard_name(prefix, j)).unlink(missing_ok=True)
         done[_shard_name(prefix, j)] = _write_shard(out, rows, j, shard_size=shard_size, prefix=prefix,
-                                                    key_width=key_width, downloaded=downloaded)
+                                                    key_width=key_width, downloaded=downloaded,
+                                                    max_short_side=max_short_side)
         shutil.rmtree(staging, ignore_errors=True)
         built.append(_shard_name(prefix, j))
         save()
@@ -463,6 +482,7 @@ def build_dataset(
     overwrite: bool = False,
     download_processes: int = 1,
     download_threads: int = 16,
+    max_short_side: int | None = None,
 ) -> dict[str, Any]:
     """Plan rows from an image folder (``images`` [+ ``captions``]) or a ``table``, then build_shards."""
     if (images is None) == (table is None):
@@ -481,7 +501,8 @@ def build_dataset(
     if not rows:
         raise ValueError(f"no images found in {images if images is not None else table}; check the input")
     return build_shards(rows, out_dir, shard_size=shard_size, prefix=prefix, overwrite=overwrite, info=info,
-                        download_processes=download_processes, download_threads=download_threads)
+                        download_processes=download_processes, download_threads=download_threads,
+                        max_short_side=max_short_side)
 
 
 __all__ = ["Row", "build_dataset", "build_shards", "download_rows", "load_image", "read_table",

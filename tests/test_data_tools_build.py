@@ -227,11 +227,11 @@ def test_build_resumes_after_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     real = build.load_image
     calls = {"n": 0}
 
-    def crash_in_third_shard(data: bytes):
+    def crash_in_third_shard(data: bytes, *args):
         calls["n"] += 1
         if calls["n"] == 7:  # row 6: the first image of shard 2 (rows 0-5 are calls 1-6)
             raise RuntimeError("simulated crash")
-        return real(data)
+        return real(data, *args)
 
     monkeypatch.setattr(build, "load_image", crash_in_third_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -328,3 +328,27 @@ def test_build_parquet_reads_through_pyarrow_api(folder: Path, tmp_path: Path, m
     report = build_dataset(tmp_path / "out", table=tmp_path / "t.parquet")
     samples = read_samples(tmp_path / "out")
     assert report["written"] == 2 and samples[f"{1:09d}"]["webp"] == (folder / "c.webp").read_bytes()
+
+
+def test_build_max_short_side_downscales_large_images_once(tmp_path: Path) -> None:
+    src = tmp_path / "imgs"
+    src.mkdir()
+    (src / "big.jpg").write_bytes(encode((400, 200), "JPEG"))   # short side 200 > 64: downscaled
+    (src / "tall.png").write_bytes(encode((90, 300), "PNG"))    # short side 90 > 64: stays PNG
+    (src / "small.jpg").write_bytes(small := encode((60, 40), "JPEG"))  # already small: bytes kept
+    for stem in ("big", "tall", "small"):
+        (src / f"{stem}.txt").write_text(f"a {stem} picture")
+    report = build_dataset(tmp_path / "out", images=src, max_short_side=64)
+    assert report["written"] == 3 and report["max_short_side"] == 64
+    by_caption = {s["txt"].decode(): s for s in read_samples(tmp_path / "out").values()}
+    sizes = {cap: Image.open(io.BytesIO(next(v for k, v in s.items() if k in ("jpg", "png")))).size
+             for cap, s in by_caption.items()}
+    assert sizes == {"a big picture": (128, 64), "a tall picture": (64, 213), "a small picture": (60, 40)}
+    assert "png" in by_caption["a tall picture"] and by_caption["a small picture"]["jpg"] == small
+    meta = json.loads(by_caption["a big picture"]["json"])
+    assert (meta["width"], meta["height"], meta["stored_width"], meta["stored_height"]) == (400, 200, 128, 64)
+    # The setting is part of what a resumed build must match.
+    with pytest.raises(FileExistsError, match="max_short_side"):
+        build_dataset(tmp_path / "out", images=src, max_short_side=128)
+    with pytest.raises(ValueError, match="max_short_side must be >= 1"):
+        build_dataset(tmp_path / "out2", images=src, max_short_side=0)
