@@ -29,15 +29,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from dualenc.distributed import world_info
 from dualenc.plugins.mapfile import MapMeta, ModelId
 from dualenc.plugins.procrustes import OrthogonalMap, procrustes_q
 from dualenc.plugins.synthetic import random_orthogonal
 from dualenc.plugins.targets import Target, build_target
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class LearnedQ(nn.Module):
@@ -143,7 +139,7 @@ class LearnedQ(nn.Module):
         x = f.detach().double().cpu()
         y = ft.detach().double().cpu()
         q = procrustes_q(x - x.mean(0), y - y.mean(0), use_scipy=False).float().to(f.device)
-        distributed = _world_size() > 1
+        distributed = world_info()[1] > 1
         if distributed:
             torch.distributed.broadcast(q, 0)  # every rank starts from rank 0's fit
         orth = self.map.parametrizations.weight[0]
@@ -262,7 +258,7 @@ class LearnedQ(nn.Module):
         if not batch_means:
             return
         flat = torch.cat([v.detach().float().reshape(-1) for v in batch_means.values()])
-        world = _world_size()
+        world = world_info()[1]
         if world > 1:
             torch.distributed.all_reduce(flat)
             flat /= world
