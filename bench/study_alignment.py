@@ -239,6 +239,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"disjoint; scored on {result['data']['eval_texts']} held-out captions):", "",
               "| method | mean cosine | top-1 | mean rank |", "|---|---|---|---|"]
     for meth, m in un.items():
+        if meth == "vec2vec/selected":
+            meth = f"vec2vec/selected (seed {m['seed']:.0f}, lowest unsupervised score, no pairs)"
         lines.append(f"| {meth} | {m['mean_cosine']:.3f} | {m['top1']:.3f} | {m['mean_rank']:.1f} |")
     return "\n".join(lines)
 

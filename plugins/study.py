@@ -25,7 +25,7 @@ from dualenc.plugins.baselines import fit_linear, fit_mlp, fit_sinkhorn_procrust
 from dualenc.plugins.checks import FewAnchorsWarning
 from dualenc.plugins.crossmodel import translation_metrics, zero_shot_accuracy
 from dualenc.plugins.procrustes import fit_procrustes
-from dualenc.plugins.translate import train_vec2vec
+from dualenc.plugins.translate import train_vec2vec, unsupervised_score
 from dualenc.plugins.unpaired import fit_mnn_procrustes
 
 MapFn = Callable[[torch.Tensor, str], torch.Tensor]
@@ -225,7 +225,9 @@ def unpaired_study(a_train: torch.Tensor, b_train: torch.Tensor, a_eval: torch.T
 
     Scored on the paired held-out ``a_eval``/``b_eval`` (vec2vec's mean cosine, top-1, mean rank).
     ``paired_a``/``paired_b`` (optional, the same items by both models) add an oracle: Procrustes on pairs.
-    Each vec2vec seed is reported; ``vec2vec/mean`` averages them (no seed picked by its test score).
+    Each vec2vec seed is reported; ``vec2vec/mean`` averages them (no seed picked by its test score), and
+    ``vec2vec/selected`` is the seed ``train_vec2vec_best`` would keep: the lowest ``unsupervised_score`` on the
+    training sets (no pairs), i.e. what a user who cannot evaluate on pairs gets.
     """
     def score(fn: MapFn) -> dict[str, float]:
         return translation_metrics(fn(a_eval, "image").float(), b_eval)
@@ -240,15 +242,20 @@ def unpaired_study(a_train: torch.Tensor, b_train: torch.Tensor, a_eval: torch.T
     if log:
         log(f"unpaired: mnn {out['mnn_procrustes']['mean_cosine']:.3f}, sinkhorn "
             f"{out['sinkhorn_procrustes']['mean_cosine']:.3f}")
-    runs = []
+    runs, selection = [], []
     for s in vec2vec_seeds:
         m, _ = train_vec2vec(a_train, b_train, steps=vec2vec_steps, seed=s, **(vec2vec_kwargs or {}))
         runs.append(score(_as_fn(m)))
-        out[f"vec2vec/seed{s}"] = runs[-1]
+        # The same score (and defaults) train_vec2vec_best selects by; computed here to keep every seed's map.
+        selection.append(unsupervised_score(m.apply, m.inverse().apply, a_train, b_train)["score"])
+        out[f"vec2vec/seed{s}"] = {**runs[-1], "unsupervised_score": selection[-1]}
         if log:
-            log(f"unpaired: vec2vec seed {s}: {runs[-1]['mean_cosine']:.3f} top1 {runs[-1]['top1']:.3f}")
+            log(f"unpaired: vec2vec seed {s}: {runs[-1]['mean_cosine']:.3f} top1 {runs[-1]['top1']:.3f} "
+                f"unsupervised score {selection[-1]:.4f}")
     if runs:
         out["vec2vec/mean"] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        best = min(range(len(runs)), key=selection.__getitem__)
+        out["vec2vec/selected"] = {**runs[best], "seed": float(vec2vec_seeds[best])}
     if paired_a is not None and paired_b is not None:
         oracle = fit_procrustes(paired_a, paired_b, on_few_anchors="warn")
         out["oracle_paired_procrustes"] = score(_as_fn(oracle))

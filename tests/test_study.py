@@ -12,6 +12,7 @@ from dualenc.plugins.study import (EvalSet, anchor_subsets, anchor_sweep, class_
                                    evaluate_map, identity_map, plot_sweep, reference_metrics, summarize,
                                    unpaired_study, write_json_atomic)
 from dualenc.plugins.synthetic import random_orthogonal
+from dualenc.plugins.translate import train_vec2vec_best
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 DA, DB, C = 10, 8, 6
@@ -102,10 +103,19 @@ def test_evaluate_map_keys_and_unpaired_study():
     xa = F.normalize(torch.randn(300, DA, generator=g) * torch.linspace(2, 0.2, DA), dim=-1)
     xb = F.normalize(torch.randn(300, DA, generator=g) * torch.linspace(2, 0.2, DA), dim=-1) @ q.T
     ta = F.normalize(torch.randn(50, DA, generator=g) * torch.linspace(2, 0.2, DA), dim=-1)
+    v2v = {"latent_dim": 8, "hidden_dim": 16}
     out = unpaired_study(xa, xb, ta, ta @ q.T, paired_a=xa[:100], paired_b=xa[:100] @ q.T,
-                         vec2vec_seeds=[0], vec2vec_steps=5, vec2vec_kwargs={"latent_dim": 8, "hidden_dim": 16},
+                         vec2vec_seeds=[0, 1], vec2vec_steps=5, vec2vec_kwargs=v2v,
                          sinkhorn_kwargs={"iters": 3, "sinkhorn_iters": 30})
-    assert {"identity", "mnn_procrustes", "sinkhorn_procrustes", "vec2vec/seed0", "vec2vec/mean",
-            "oracle_paired_procrustes"} <= set(out)
+    assert {"identity", "mnn_procrustes", "sinkhorn_procrustes", "vec2vec/seed0", "vec2vec/seed1", "vec2vec/mean",
+            "vec2vec/selected", "oracle_paired_procrustes"} <= set(out)
+    # The selected seed is the one train_vec2vec_best keeps, and its figures are that seed's.
+    _, scores = train_vec2vec_best(xa, xb, seeds=[0, 1], steps=5, **v2v)
+    chosen = min(scores, key=lambda r: r["score"])["seed"]
+    assert out["vec2vec/selected"]["seed"] == chosen
+    assert [out[f"vec2vec/seed{s}"]["unsupervised_score"] for s in (0, 1)] == pytest.approx(
+        [r["score"] for r in scores])
+    sel = out[f"vec2vec/seed{chosen}"]
+    assert all(out["vec2vec/selected"][k] == sel[k] for k in ("mean_cosine", "top1", "mean_rank"))
     assert out["oracle_paired_procrustes"]["mean_cosine"] > 0.9  # 10 -> 8 dims loses a little
     assert all(set(v) >= {"mean_cosine", "top1", "mean_rank"} for v in out.values())
