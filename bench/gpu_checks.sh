@@ -6,7 +6,9 @@
 #   bash bench/gpu_checks.sh bench   # on the GPU: train-step benchmarks vs open_clip + retrieval on CUDA
 #
 # The GPU phases use the machine's own torch/lightning/timm/transformers (nothing is reinstalled
-# over them): dualenc runs from the checkout (PYTHONPATH) and the wheels in .whl/ go to /tmp/site.
+# over them): dualenc is installed editable without dependencies and the wheels in .whl/ go to
+# /tmp/site. GPU_CHECKS_DRY=1 runs the set-up and the tests phase without a GPU (a check of this
+# script: the GPU tests then skip).
 # Results land in bench/results/ and, where $OUT is set (the device tool), are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +27,15 @@ setup_site() {
     if compgen -G ".whl/*.whl" >/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     fi
-    export PYTHONPATH="$PWD:$PWD/tests:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    # dualenc itself as an editable install without dependencies (the machine's torch etc. stay): the
+    # package-dir mapping that makes dualenc.plugins / dualenc.data_tools needs an install, not a path.
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    export PYTHONPATH="/tmp/site:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
     if [ -d .whl/tokenizer ]; then export DUALENC_BENCH_TOKENIZER="$PWD/.whl/tokenizer"; fi
-    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: these checks need a GPU'"
-    "$PY" -c "import torch, lightning, timm, transformers; print('torch', torch.__version__, 'lightning', \
-lightning.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+    "$PY" -c "import torch; assert torch.cuda.is_available() or '${GPU_CHECKS_DRY:-}', 'no CUDA device: these checks need a GPU'"
+    "$PY" -c "import torch, lightning, timm, transformers, dualenc.plugins, dualenc.data_tools; print('torch', \
+torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (dry run)')"
 }
 
 copy_out() {
