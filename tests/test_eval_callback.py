@@ -60,7 +60,6 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-
 @pytest.fixture(scope="module")
 def rank_results(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
