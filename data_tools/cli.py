@@ -7,12 +7,14 @@ import sys
 import time
 from collections.abc import Callable
 
+from dualenc.errors import UserError
+
 # name -> (help, add_arguments, run). run returns the exit code. New subcommands (build,
 # filter, stats, dedupe) only need an entry here.
 Subcommand = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
