@@ -126,7 +126,7 @@ class DualEncoderModule(L.LightningModule):
         if compile_towers:
             model.image_tower.compile()
             model.text_tower.compile()
-        self._skipped: dict[int, dict[str, int]] = {}
+        self._skipped: dict[str, dict[int, dict[str, int]]] = {"train": {}, "val": {}, "test": {}}
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -148,8 +148,16 @@ class DualEncoderModule(L.LightningModule):
                 self.log(f"{stage}/{name}", term, batch_size=bs, sync_dist=stage != "train")
                 loss = loss + term
         self._log_step(stage, loss, bs)
-        self._skipped[batch.get("worker", 0)] = batch.get("skipped", {})
+        self._note_skips(stage, batch)
         return loss
+
+    def _note_skips(self, stage: str, batch: dict[str, Any]) -> None:
+        # WebDataModule sums its workers' counts itself ("skipped_split"); other loaders send each
+        # worker's cumulative counts. Kept per split: validation never overwrites training's.
+        if "skipped_split" in batch:
+            self._skipped[stage] = {-1: batch["skipped_split"]}
+        else:
+            self._skipped[stage][batch.get("worker", 0)] = batch.get("skipped", {})
 
     def _log_step(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         # Values are logged as tensors: Lightning reduces them at log time, not with a host sync per step.
@@ -188,7 +196,7 @@ class DualEncoderModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._log_step("train", loss, batch["image"].shape[0])
-        self._skipped[batch.get("worker", 0)] = batch.get("skipped", {})
+        self._note_skips("train", batch)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -201,13 +209,32 @@ class DualEncoderModule(L.LightningModule):
         out = self(batch)
         return {"key": batch.get("key"), "image_embeddings": out.image_features, "text_embeddings": out.text_features}
 
+    def on_train_epoch_start(self) -> None:
+        self._skipped["train"] = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self._skipped["val"] = {}
+
     def on_train_epoch_end(self) -> None:
+        self._log_skips("train", "data/skipped_")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_skips("val", "data/val_skipped_")
+
+    def _log_skips(self, stage: str, prefix: str) -> None:
+        """This epoch's skip counts of one split, summed over workers here and over ranks by the log."""
         totals: dict[str, int] = {}
-        for counts in self._skipped.values():
+        for counts in self._skipped[stage].values():
             for reason, n in counts.items():
                 totals[reason] = totals.get(reason, 0) + n
-        for reason, n in totals.items():
-            self.log(f"data/skipped_{reason}", float(n), sync_dist=True, reduce_fx="sum")
+        reasons = sorted(totals)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must log the same keys (a key only some ranks reduce would hang them).
+            every: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, reasons)
+            reasons = sorted({r for rs in every for r in rs})
+        for reason in reasons:
+            self.log(f"{prefix}{reason}", float(totals.get(reason, 0)), sync_dist=True, reduce_fx="sum")
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg

@@ -180,15 +180,20 @@ def test_every_rank_takes_the_same_number_of_steps(tmp_path: Path, monkeypatch, 
     assert len(batches) == 25 // (4 * 2)
 
 
-def test_too_few_samples_or_shards_is_a_clear_error(tmp_path: Path) -> None:
+def test_too_few_samples_is_a_clear_error_and_one_shard_feeds_two_ranks(tmp_path: Path) -> None:
     _write_shards(tmp_path, 1, 3)
     dm = WebDataModule(train=str(tmp_path), batch_size=8, num_workers=0)
     dm.set_preprocessing(DATA_CONFIG, _tokenize)
     with pytest.raises(ValueError, match="fewer than one batch"):
         dm.train_dataloader()
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, current_epoch=0)
-    with pytest.raises(ValueError, match="every rank needs at least one shard"):
-        dm.train_dataloader()
+    # Fewer shards than ranks: the ranks share the shard sample by sample (no sample on both).
+    keys = []
+    for rank in range(2):
+        dm = WebDataModule(train=str(tmp_path), batch_size=1, num_workers=0)
+        dm.set_preprocessing(DATA_CONFIG, _tokenize)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
+        keys.append([k for b in dm.train_dataloader() for k in b["key"]])
+    assert len(keys[0]) == len(keys[1]) == 1 and not set(keys[0]) & set(keys[1])
 
 
 def test_missing_sizes_asks_for_epoch_samples(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -11,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
-from dualenc.data.sources import count_samples, expand_urls
+from dualenc.data.sources import expand_urls, shard_counts
 from dualenc.data.stream import ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
@@ -25,10 +27,32 @@ class SourceSpec:
     weight: float = 1.0
 
 
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 class StreamLoader(DataLoader):
     """DataLoader that hands the current epoch and any resume point to its stream before workers start.
 
-    Workers are not persistent: each epoch pickles the stream afresh with its new state.
+    Workers are not persistent: each epoch pickles the stream afresh with its new state. Implements
+    Lightning's loader ``state_dict``/``load_state_dict`` protocol: the state is what the training
+    loop has consumed (recorded by ``WebDataModule.on_before_batch_transfer``, not what workers
+    prefetched), each worker's skip counts, and the random state of the process (dropout), which
+    is put back when the first resumed batch arrives, so a resumed run equals an uninterrupted one.
     """
 
     def __init__(self, stream: ShardStream, num_workers: int, epoch_fn: Callable[[], int]) -> None:
@@ -38,6 +62,9 @@ class StreamLoader(DataLoader):
         self.epoch_fn = epoch_fn
         self.resume: StreamState | None = None
         self._length = stream.batches_per_worker * max(1, num_workers)
+        self.consumed: dict[int, tuple[int, int, dict[str, int]]] = {}
+        self.consumed_epoch = -1
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return self._length
@@ -45,8 +72,64 @@ class StreamLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch_fn()
         resume, self.resume = self.resume, None
-        self.stream.state = resume if resume is not None and resume.epoch == epoch else StreamState(epoch=epoch)
+        if resume is not None and resume.epoch == epoch:
+            self.stream.state = resume
+            self.consumed = {w: (resume.positions[w], resume.batches.get(w, 0), dict(resume.skipped.get(w, {})))
+                             for w in resume.positions}
+        else:
+            self.stream.state = StreamState(epoch=epoch)
+            self.consumed, self._rng_to_restore = {}, None
+        self.consumed_epoch = epoch
         return super().__iter__()
+
+    def note_consumed(self, batch: dict[str, Any]) -> dict[str, int]:
+        """Record a batch the loop is about to use; returns this split's skip counts so far (all workers)."""
+        epoch, worker, pos, made = (int(x) for x in batch["stream"])
+        if epoch != self.consumed_epoch:
+            self.consumed, self.consumed_epoch = {}, epoch
+        self.consumed[worker] = (pos, made, dict(batch.get("skipped", {})))
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        total: Counter[str] = Counter()
+        for _, _, skipped in self.consumed.values():
+            total.update(skipped)
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {"epoch": self.consumed_epoch,
+                 "positions": {w: p for w, (p, _, _) in self.consumed.items()},
+                 "batches": {w: m for w, (_, m, _) in self.consumed.items()},
+                 "skipped": {w: s for w, (_, _, s) in self.consumed.items()},
+                 "rng": _rng_state()}
+        ranks = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Checkpoints are written by rank 0 but every rank's position is needed to resume;
+            # Lightning builds the checkpoint on every rank, so this collective is safe here.
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume = self.resume_state(state)
+
+    def resume_state(self, state: dict[str, Any] | None) -> StreamState | None:
+        """This rank's resume point in ``state``, or None (with a warning if the layout changed)."""
+        if not state:
+            return None
+        rank, world = self.stream.rank, self.stream.world_size
+        if len(state["ranks"]) != world or state["num_workers"] != self.num_workers:
+            warnings.warn(f"resuming with {world} rank(s) x {self.num_workers} worker(s), the checkpoint had "
+                          f"{len(state['ranks'])} x {state['num_workers']}: the interrupted epoch's data restarts "
+                          "from its beginning", stacklevel=2)
+            return None
+        mine = state["ranks"][rank]
+        if mine["epoch"] < 0:
+            return None
+        self._rng_to_restore = mine.get("rng")
+        return StreamState(epoch=mine["epoch"], positions={int(k): v for k, v in mine["positions"].items()},
+                           batches={int(k): v for k, v in mine["batches"].items()},
+                           skipped={int(k): dict(v) for k, v in mine.get("skipped", {}).items()})
 
 
 class WebDataModule(L.LightningDataModule):
@@ -125,12 +208,11 @@ class WebDataModule(L.LightningDataModule):
         # Fail at construction, not hours later, when a pattern matches nothing.
         specs = [SourceSpec(train)] if isinstance(train, str) else [SourceSpec(**s) if isinstance(s, dict) else s
                                                                      for s in (train or [])]
-        self.train_sources = [Source(expand_urls(s.shards), s.weight) for s in specs]
-        self.val_sources = [Source(expand_urls(val))] if val else []
-        self._consumed: dict[int, tuple[int, int]] = {}
-        self._consumed_epoch = -1
-        self._resume: dict[str, Any] | None = None
+        self.train_sources = [_source(s.shards, s.weight) for s in specs]
+        self.val_sources = [_source(val)] if val else []
+        self._resume: dict[str, Any] | None = None  # from a checkpoint of an older version
         self._train_loader: StreamLoader | None = None
+        self._val_loader: StreamLoader | None = None
 
     def set_preprocessing(self, data_config: dict[str, Any], tokenize: Callable | None) -> None:
         self.data_config, self.tokenize = data_config, tokenize
@@ -153,15 +235,12 @@ class WebDataModule(L.LightningDataModule):
 
     def _loader(self, sources: list, train: bool, samples: int | None, name: str) -> StreamLoader:
         rank, world = self._world()
-        fewest = min(len(s.urls) for s in sources)
-        if fewest < world and not self.resampled:
-            raise ValueError(f"{name}: {fewest} shard(s) cannot feed {world} ranks; every rank needs at least "
-                             "one shard of each source (write more, smaller shards, or set data.resampled)")
-        # Each worker reads whole shards, so more workers than shards per rank would sit idle.
-        num_workers = self.num_workers if self.resampled else min(self.num_workers, fewest // world)
+        # Shards go to (rank, worker) slots by their sample counts; with fewer shards than slots the
+        # slots share shards sample by sample (stream.split_shards), so no worker or rank sits idle.
+        num_workers = self.num_workers
         workers = max(1, num_workers)
         if samples is None:
-            counts = [count_samples(s.urls) for s in sources]
+            counts = [c for s in sources for c in (s.counts or [None])]
             samples = None if None in counts else sum(counts)  # type: ignore[arg-type]
         if samples is None:
             raise ValueError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
@@ -203,56 +282,37 @@ class WebDataModule(L.LightningDataModule):
         if not self.train_sources:
             raise ValueError("no training shards: set data.train")
         loader = self._loader(self.train_sources, True, self.epoch_samples, "train")
-        loader.resume = self._resume_state(loader)
+        state, self._resume = self._resume, None
+        loader.resume = loader.resume_state(state)  # Lightning's loader state, if any, comes after this
         self._train_loader = loader
         return loader
 
     def val_dataloader(self) -> StreamLoader | list:
         if not self.val_sources:
             return []
-        return self._loader(self.val_sources, False, self.val_samples, "val")
+        self._val_loader = self._loader(self.val_sources, False, self.val_samples, "val")
+        return self._val_loader
 
-    # -- exact resume --------------------------------------------------------------------------
+    # -- exact resume and skip counts -------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
-        if isinstance(batch, dict) and "stream" in batch and trainer is not None and trainer.training:
-            epoch, worker, pos, made = (int(x) for x in batch["stream"])
-            if epoch != self._consumed_epoch:
-                self._consumed, self._consumed_epoch = {}, epoch
-            self._consumed[worker] = (pos, made)  # what the training loop has really consumed
+        if isinstance(batch, dict) and "stream" in batch and trainer is not None:
+            loader = self._train_loader if trainer.training else self._val_loader
+            if loader is not None:
+                # This split's skip counts over all workers of this rank, as consumed; the module logs them.
+                batch["skipped_split"] = loader.note_consumed(batch)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        local = {"epoch": self._consumed_epoch,
-                 "positions": {w: p for w, (p, _) in self._consumed.items()},
-                 "batches": {w: m for w, (_, m) in self._consumed.items()}}
-        ranks = [local]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Checkpoints are written by rank 0 but every rank's position is needed to resume;
-            # Lightning builds the checkpoint on every rank, so this collective is safe here.
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, local)
-        workers = self._train_loader.num_workers if self._train_loader is not None else self.num_workers
-        return {"ranks": ranks, "num_workers": workers}
+        return {}  # the resume point is the train loader's state (Lightning's loader protocol)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = state
+        self._resume = state or None  # checkpoints of older versions kept it here
 
-    def _resume_state(self, loader: StreamLoader) -> StreamState | None:
-        state, self._resume = self._resume, None
-        if not state:
-            return None
-        rank, world = self._world()
-        if len(state["ranks"]) != world or state["num_workers"] != loader.num_workers:
-            warnings.warn(f"resuming with {world} rank(s) x {loader.num_workers} worker(s), the checkpoint had "
-                          f"{len(state['ranks'])} x {state['num_workers']}: the interrupted epoch's data restarts "
-                          "from its beginning", stacklevel=2)
-            return None
-        mine = state["ranks"][rank]
-        if mine["epoch"] < 0:
-            return None
-        return StreamState(epoch=mine["epoch"], positions={int(k): v for k, v in mine["positions"].items()},
-                           batches={int(k): v for k, v in mine["batches"].items()})
+
+def _source(spec: str, weight: float = 1.0) -> Source:
+    urls = expand_urls(spec)
+    return Source(urls, weight, shard_counts(urls))
 
 
 class _EvalStream(IterableDataset):

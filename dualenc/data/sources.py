@@ -40,13 +40,15 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Samples in ``urls``, from ``sizes.json`` beside them or img2dataset's ``NNNNN_stats.json``; else None."""
+def shard_counts(urls: list[str]) -> list[int | None]:
+    """Each shard's sample count, from ``sizes.json`` beside it or img2dataset's ``NNNNN_stats.json``
+    (``successes``); None where neither says (remote shards, hand-made tars)."""
     sizes: dict[str, dict[str, int]] = {}
-    total = 0
+    out: list[int | None] = []
     for url in urls:
         if url.startswith(REMOTE_PREFIXES):
-            return None
+            out.append(None)
+            continue
         path = Path(url)
         folder = str(path.parent)
         if folder not in sizes:
@@ -56,7 +58,11 @@ def count_samples(urls: list[str]) -> int | None:
         if n is None:
             stats = path.with_name(path.name.split(".")[0] + "_stats.json")
             n = json.loads(stats.read_text()).get("successes") if stats.is_file() else None
-        if n is None:
-            return None
-        total += int(n)
-    return total
+        out.append(None if n is None else int(n))
+    return out
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in ``urls`` (see ``shard_counts``); None unless every shard's count is known."""
+    counts = shard_counts(urls)
+    return None if None in counts else sum(counts)  # type: ignore[arg-type]

@@ -1,4 +1,18 @@
-"""Reading tar shards as streams of raw samples, without extracting or decoding anything."""
+"""The one safe shard reader: tar shards as streams of raw samples, never extracting or decoding.
+
+Python's tarfile reads a tar cut at a header boundary as a shorter, valid archive (it stops at the
+first empty block) and cannot seek past a member without the object that read its header, so the
+headers are walked here (parsed by ``tarfile.TarInfo.frombuf``): a shard must end with its
+end-of-archive marker, members must lie inside the file, and a local shard's unwanted members (and
+whole samples nobody asks for, on resume) are passed with a seek, never read.
+
+A shard is a sequence of *slots*, one per sample key in it (members of a sample are adjacent, as
+img2dataset and webdataset write them). A slot is a dict ``{"__key__", "__url__", ext: bytes...}``;
+``"__skipped__"`` holds skip reasons to count for it and ``"__drop__"`` marks a slot with no sample
+(a duplicate key, the part of a shard lost to truncation). With the shard's expected sample count
+known (``sizes.json``/``_stats.json``) a shard has exactly that many slots, so a resumed stream can
+replay the shuffle from counts alone.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +20,14 @@ import os
 import subprocess
 import tarfile
 from collections import Counter
+from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
 from dualenc.data.sources import REMOTE_PREFIXES
+
+Raw = dict
+BLOCK = 512
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -23,7 +42,7 @@ def open_shard(url: str) -> IO[bytes]:
             raise ImportError(f"reading {url!r} needs fsspec and its protocol package "
                               "(e.g. `pip install fsspec s3fs` or `gcsfs`)") from e
         return fsspec.open(url, "rb").open()
-    return open(os.path.expanduser(url), "rb", buffering=1 << 20)
+    return open(os.path.expanduser(url), "rb", buffering=1 << 16)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -35,47 +54,198 @@ def split_name(name: str) -> tuple[str, str]:
     return os.path.join(os.path.dirname(name), stem), ext.lower()
 
 
-def iter_samples(url: str, wanted: Callable[[str], bool], skipped: Counter[str],
-                 opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[dict[str, bytes | str]]:
-    """Samples of one shard: ``{"__key__", "__url__", ext: bytes}`` for members ``wanted(name)`` accepts.
+class CorruptTar(Exception):
+    """The archive is cut short or has a bad header; ``in_member`` when a member's data is cut."""
 
-    Members of a sample must be adjacent (img2dataset and webdataset write them so). A truncated or
-    unreadable shard ends early with ``skipped["corrupt_tar"]``; a key seen twice in a shard is
-    dropped with ``skipped["duplicate_key"]``. Unwanted members are never read into memory.
+    def __init__(self, why: str, in_member: bool = False) -> None:
+        super().__init__(why)
+        self.in_member = in_member
+
+
+@dataclass
+class Member:
+    name: str
+    offset: int  # of its data
+    size: int
+    cut: bool = False  # its data runs past the end of the file
+
+
+class TarWalker:
+    """Walks tar headers; ``seekable`` files skip data with a seek, streams read and drop it."""
+
+    def __init__(self, f: IO[bytes], seekable: bool, size: int | None = None) -> None:
+        self.f, self.seekable, self.size = f, seekable, size
+        self.pos = 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def _skip_to(self, offset: int) -> None:
+        if self.seekable:
+            self.f.seek(offset)
+            self.pos = offset
+            return
+        while self.pos < offset:
+            if not self._read(min(offset - self.pos, 1 << 20)):
+                raise CorruptTar("archive ends inside a member", in_member=True)
+
+    def read(self, m: Member) -> bytes:
+        """The data of ``m``; on a stream only the member just returned by ``next`` can be read."""
+        self._skip_to(m.offset)
+        data = self._read(m.size)
+        if len(data) != m.size:
+            raise CorruptTar("archive ends inside a member", in_member=True)
+        return data
+
+    def _block_data(self, size: int) -> bytes:
+        data = self._read(size)
+        if len(data) != size:
+            raise CorruptTar("archive ends inside an extended header", in_member=True)
+        self._skip_to(self.pos + (-size) % BLOCK)
+        return data
+
+    def members(self) -> Iterator[Member]:
+        """Regular-file members in order; raises CorruptTar on truncation or a missing end marker."""
+        name = size = None  # from a preceding pax / GNU long-name header
+        nxt = 0
+        while True:
+            self._skip_to(nxt)
+            buf = self._read(BLOCK)
+            if len(buf) < BLOCK:
+                raise CorruptTar("archive ends without its end-of-archive marker")
+            if buf.count(0) == BLOCK:
+                return  # end-of-archive marker
+            try:
+                info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+            except tarfile.TarError as e:
+                raise CorruptTar(f"bad tar header at byte {self.pos - BLOCK}: {e}") from None
+            data_at = self.pos
+            if size is not None:
+                info.size = size
+            nxt = data_at + info.size + (-info.size) % BLOCK
+            if info.type == tarfile.XHDTYPE:  # pax header: path/size of the next member
+                records = _pax(self._block_data(info.size))
+                name, size = records.get("path", name), (int(records["size"]) if "size" in records else None)
+                nxt = self.pos
+                continue
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                name = self._block_data(info.size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                nxt = self.pos
+                continue
+            member_name = name if name is not None else info.name
+            name = size = None
+            cut = self.size is not None and data_at + info.size > self.size
+            if info.type in _FILE_TYPES:
+                yield Member(member_name, data_at, info.size, cut)
+            if cut:
+                raise CorruptTar("archive ends inside a member", in_member=True)
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _drop(key: str, url: str, **reasons: int) -> Raw:
+    return {"__key__": key, "__url__": url, "__skipped__": dict(reasons), "__drop__": True}
+
+
+def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = None,
+               select: Callable[[int], bool] | None = None,
+               opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[tuple[int, Raw]]:
+    """``(index, slot)`` for each slot of the shard at ``url`` (see the module docstring).
+
+    Only members ``wanted(name)`` accepts are read, only for slots ``select(index)`` accepts (all by
+    default; the others come without data). With ``expected`` the shard yields exactly that many
+    slots: missing ones are dropped slots counted ``missing_sample`` and samples beyond the count
+    are not read (counted ``beyond_expected_count`` once). A shard cut short or with a bad header,
+    or without its end-of-archive marker, counts ``corrupt_tar`` once; a key seen twice is a dropped
+    ``duplicate_key`` slot, a member seen twice in a sample counts ``duplicate_member`` (the first
+    is kept).
     """
     seen: set[str] = set()
-    current: dict[str, bytes | str] | None = None
+    n = 0  # slots yielded
+    cur: Raw | None = None  # the sample being collected (yielded once the next one starts)
+    cur_keep = False
 
-    def finish(sample: dict[str, bytes | str] | None) -> Iterator[dict[str, bytes | str]]:
-        if sample is None:
-            return
-        key = str(sample["__key__"])
+    def close(sample: Raw, keep: bool) -> tuple[int, Raw]:
+        nonlocal n
+        key = sample["__key__"]
         if key in seen:
-            skipped["duplicate_key"] += 1
-            return
+            sample = _drop(key, url, duplicate_key=1)
         seen.add(key)
-        if len(sample) > 2:  # more than __key__/__url__: it has members we use
-            yield sample
+        n += 1
+        if not keep and not sample.get("__drop__"):
+            sample = {"__key__": key, "__url__": url, **({"__skipped__": sample["__skipped__"]}
+                                                          if "__skipped__" in sample else {})}
+        return n - 1, sample
 
+    def note(sample: Raw, reason: str) -> None:
+        sample.setdefault("__skipped__", {})
+        sample["__skipped__"][reason] = sample["__skipped__"].get(reason, 0) + 1
+
+    bad, in_member = False, True
     try:
-        with opener(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
+        with opener(url) as f:
+            local = not url.startswith(REMOTE_PREFIXES) and os.path.isfile(os.path.expanduser(url))
+            walker = TarWalker(f, seekable=local, size=os.fstat(f.fileno()).st_size if local else None)
+            for m in walker.members():
+                key, ext = split_name(m.name)
+                if cur is None or key != cur["__key__"]:
+                    if cur is not None:
+                        full = expected is not None and n + 1 >= expected
+                        if full:  # more samples than counted: the stream keeps to the count
+                            note(cur, "beyond_expected_count")
+                        yield close(cur, cur_keep)
+                        cur = None
+                        if full:
+                            break
+                    if expected is not None and n >= expected:
+                        break
+                    cur = {"__key__": key, "__url__": url}
+                    cur_keep = select is None or select(n)
+                if m.cut:
+                    raise CorruptTar("archive ends inside a member", in_member=True)
+                if not cur_keep or not wanted(m.name):
                     continue
-                key, ext = split_name(info.name)
-                if current is None or key != current["__key__"]:
-                    yield from finish(current)
-                    current = {"__key__": key, "__url__": url}
-                if not wanted(info.name):
+                if ext in cur:
+                    note(cur, "duplicate_member")
                     continue
-                f = tar.extractfile(info)
-                if f is None:
-                    continue
-                if ext in current:
-                    skipped["duplicate_member"] += 1
-                current[ext] = f.read()
-    except (tarfile.TarError, EOFError, OSError, ValueError):
-        skipped["corrupt_tar"] += 1
-        current = None  # the sample being read when the shard broke is incomplete
-    yield from finish(current)
+                cur[ext] = walker.read(m)
+            if cur is not None:
+                yield close(cur, cur_keep)
+                cur = None
+    except (CorruptTar, OSError, EOFError) as e:
+        bad, in_member = True, getattr(e, "in_member", True)
+    if bad:
+        if cur is not None and not in_member:
+            note(cur, "corrupt_tar")  # cut at a header boundary: the last sample's members are whole
+            yield close(cur, cur_keep)
+        elif expected is None or n < expected:  # cut inside a member: the sample being read is lost
+            yield close(_drop(cur["__key__"] if cur else f"{url}#{n}", url, corrupt_tar=1), True)
+    while expected is not None and n < expected:
+        yield close(_drop(f"{url}#{n}", url, missing_sample=1), True)
 
+
+def iter_samples(url: str, wanted: Callable[[str], bool], skipped: Counter[str],
+                 opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Raw]:
+    """The readable samples of one shard (no dropped slots), counting skip reasons into ``skipped``."""
+    for _, slot in iter_slots(url, wanted, opener=opener):
+        skipped.update(slot.pop("__skipped__", {}))
+        if not slot.pop("__drop__", False):
+            yield slot
+
+
+def count_slots(url: str) -> int:
+    """Slots of a shard whose count is not recorded (headers only, for a local shard)."""
+    return sum(1 for _ in iter_slots(url, lambda name: False))
