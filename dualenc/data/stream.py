@@ -17,6 +17,7 @@ k-th sample. Every worker yields the same number of batches, cycling its samples
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter
 from contextlib import contextmanager
@@ -93,46 +94,40 @@ def seeded(seed: int) -> Iterator[None]:
 def split_shards(urls: list[str], counts: list[int | None], slots: int) -> tuple[list[list[Part]], list[list[str]]]:
     """Each slot's parts and the empty shards it reports, from the shards' counts (None: unknown).
 
-    With at least as many non-empty shards as slots, whole shards go to the least loaded slot,
-    largest first (unknown counts weigh as the mean known count); each slot keeps them in the given
-    order. With fewer, each shard is shared by slots in proportion to its count, each taking every
-    k-th sample, and no slot gets more sharers' share than the shard has samples.
+    A shard larger than a slot's share (all samples / slots) is cut into ``k`` interleaved pieces
+    (every k-th sample), so a few big shards or fewer shards than slots still feed every slot; the
+    pieces then go to the least loaded slot, largest first (unknown counts weigh as the mean known
+    count). Each slot keeps its pieces in the given shard order.
     """
     known = [c for c in counts if c]
     mean = sum(known) / len(known) if known else 1.0
-    live = [(i, u, c) for i, (u, c) in enumerate(zip(urls, counts)) if c != 0]
     empty: list[list[str]] = [[] for _ in range(slots)]
     for k, u in enumerate(u for u, c in zip(urls, counts) if c == 0):
         empty[k % slots].append(u)
+    live = [(i, c if c is not None else mean) for i, c in enumerate(counts) if c != 0]
     parts: list[list[Part]] = [[] for _ in range(slots)]
     if not live:
         return parts, empty
-    weight = {i: (c if c is not None else mean) for i, _, c in live}
-    if len(live) >= slots:
-        heap = [(0.0, s) for s in range(slots)]
-        mine: list[list[int]] = [[] for _ in range(slots)]
-        for i, _, _ in sorted(live, key=lambda x: -weight[x[0]]):  # stable: ties keep the given order
-            load, s = heapq.heappop(heap)
-            mine[s].append(i)
-            heapq.heappush(heap, (load + weight[i], s))
-        for s in range(slots):
-            parts[s] = [Part(urls[i], counts[i]) for i in sorted(mine[s])]
-        return parts, empty
-    sharers = {i: 1 for i, _, _ in live}
-    heap = [(-weight[i], n, i) for n, (i, _, _) in enumerate(live)]
-    heapq.heapify(heap)
-    for _ in range(slots - len(live)):
-        while heap:
-            _, n, i = heapq.heappop(heap)
-            if counts[i] is None or sharers[i] < counts[i]:
-                break
-        else:
+    share = sum(w for _, w in live) / slots
+    cuts = {}
+    for i, w in live:
+        cuts[i] = max(1, round(w / share))
+        if counts[i] is not None:
+            cuts[i] = min(cuts[i], counts[i])
+    while sum(cuts.values()) < slots:  # every slot needs a piece: cut the largest pieces further
+        cand = [(w / cuts[i], i) for i, w in live if counts[i] is None or cuts[i] < counts[i]]
+        if not cand:
             break
-        sharers[i] += 1
-        heapq.heappush(heap, (-weight[i] / sharers[i], n, i))
-    flat = [Part(urls[i], counts[i], sharers[i], k) for i, _, _ in live for k in range(sharers[i])]
+        cuts[max(cand)[1]] += 1
+    pieces = [(w / cuts[i], i, cuts[i], p) for i, w in live for p in range(cuts[i])]  # (weight, shard, k, phase)
+    heap = [(0.0, s) for s in range(slots)]
+    mine: list[list[tuple[int, int, int]]] = [[] for _ in range(slots)]
+    for w, i, k, p in sorted(pieces, key=lambda x: (-x[0], x[1], x[3])):
+        load, s = heapq.heappop(heap)
+        mine[s].append((i, k, p))
+        heapq.heappush(heap, (load + w, s))
     for s in range(slots):
-        parts[s] = [flat[s % len(flat)]]  # only if samples < slots, which the batch count rules out
+        parts[s] = [Part(urls[i], counts[i], k, p) for i, k, p in sorted(mine[s])]
     return parts, empty
 
 
@@ -271,6 +266,7 @@ class ShardStream(IterableDataset):
                     yield t
                 if not tail and i >= last:
                     break
+        ctx.part = (cycle, len(parts))  # done: buffered tokens of any part are read back by _go_live
 
     def _source_stream(self, source: int, worker: int, workers: int, ctx: _Ctx) -> Iterator[Token]:
         cycle, scan = 0, False
