@@ -23,7 +23,7 @@ from .shards import (
     check_output_dir,
     copy_sample,
     expand_shards,
-    image_size,
+    decode_image,
     iter_tar_samples,
     staged_output,
 )
@@ -54,6 +54,9 @@ RULES: tuple[str, ...] = (
     "rare_tokens",
 )
 # Samples that cannot be judged at all; counted like rules, always applied first.
+# Members filter writes besides the image: what the loaders and tools read. Anything else in a
+# client's shard (.pyd, .pickle, .pth, ...) is never copied into the output.
+KNOWN_MEMBERS: tuple[str, ...] = ("txt", "json", "cls")
 INVALID: tuple[str, ...] = ("missing_image", "unreadable_image", "missing_caption", "non_utf8_caption", "empty_caption")
 
 _WORD_RE = re.compile(r"[^\W_]+")
@@ -197,7 +200,7 @@ def judge(sample: TarSample, tables: _Tables) -> tuple[list[str], str | None]:
         reasons.append("missing_image")
     else:
         try:
-            w, h = image_size(sample.open(image_ext))  # header only: no pixel decoding
+            w, h = decode_image(sample.read(image_ext))  # fully decoded: a truncated JPEG is dropped here
         except Exception:  # noqa: BLE001 - any parser failure means an unusable image
             reasons.append("unreadable_image")
         else:
@@ -235,7 +238,8 @@ def filter_shards(
     tables = _Tables(config)
     keys: set[str] = set()
     n_input = 0
-    for sample in iter_tar_samples(paths):
+    reader_skipped: Counter[str] = Counter()
+    for sample in iter_tar_samples(paths, reader_skipped):
         n_input += 1
         check_key(sample.key, sample.shard, keys)
         caption, _ = sample.caption()
@@ -259,7 +263,7 @@ def filter_shards(
             for sample in iter_tar_samples(paths):
                 reasons, caption = judge(sample, tables)
                 if not reasons:
-                    copy_sample(writer, sample)
+                    copy_sample(writer, sample, keep=KNOWN_MEMBERS)  # never .pyd/.pickle/...
                     kept += 1
                     continue
                 first[reasons[0]] += 1
@@ -270,7 +274,7 @@ def filter_shards(
                 if len(ex) < _N_EXAMPLES:
                     ex.append({"key": sample.key, "shard": sample.shard, "caption": caption or ""})
         report = {
-            "input": {"shards": paths, "samples": n_input},
+            "input": {"shards": paths, "samples": n_input, "skipped": dict(sorted(reader_skipped.items()))},
             "kept": kept,
             "dropped": {
                 "total": n_input - kept,

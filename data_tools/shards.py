@@ -1,7 +1,7 @@
 """Reading shards for the data tools: shard specs, per-sample tar access, staged output dirs.
 
-Everything here reads lazily: a sample's members are located by their tar headers and only
-the members a tool asks for are read; nothing is ever unpickled or extracted to disk.
+Samples come from the training loader's reader (``dualenc.data.tario``), with its skip reasons;
+nothing is ever unpickled or extracted to disk.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import io
 import os
 import re
 import shutil
-import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +24,7 @@ from PIL import Image
 
 from dualenc.data.decode import IMAGE_EXTS
 from dualenc.data.sources import REMOTE_PREFIXES, expand_urls
+from dualenc.data.tario import iter_samples
 
 from .writer import ShardWriter
 
@@ -89,15 +90,12 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 @dataclass
 class TarSample:
-    """One sample of a shard: its members' tar headers; data is read only on request.
-
-    Valid only while the iteration that produced it is at this sample (the tar stays open).
-    """
+    """One sample of a shard, read by the training loader's reader (``dualenc.data.tario``): its
+    members' bytes by extension (never decoded, never unpickled)."""
 
     key: str
     shard: str
-    members: dict[str, tarfile.TarInfo]
-    _tar: tarfile.TarFile = field(repr=False)
+    members: dict[str, bytes]
 
     @property
     def image_ext(self) -> str | None:
@@ -105,17 +103,14 @@ class TarSample:
         return next((e for e in IMAGE_EXTS if e in self.members), None)
 
     def open(self, ext: str) -> IO[bytes]:
-        """A seekable file object over member ``key.ext`` (nothing is read until used)."""
-        f = self._tar.extractfile(self.members[ext])
-        if f is None:  # only regular files are collected, so this is a corrupt header
-            raise OSError(f"{self.shard}: member {self.key}.{ext} has no data")
-        return f
+        """A seekable file object over member ``key.ext``."""
+        return io.BytesIO(self.members[ext])
 
     def read(self, ext: str) -> bytes:
-        return self.open(ext).read()
+        return self.members[ext]
 
     def read_all(self) -> dict[str, bytes]:
-        return {ext: self.read(ext) for ext in self.members}
+        return dict(self.members)
 
     def caption(self, ext: str = "txt") -> tuple[str | None, str | None]:
         """(stripped caption, None) or (None, reason) with reason missing/non_utf8/empty_caption."""
@@ -128,28 +123,31 @@ class TarSample:
         return (text, None) if text else (None, "empty_caption")
 
 
-def iter_tar_samples(paths: Iterable[str]) -> Iterator[TarSample]:
-    """Yield the samples of each tar in order; members of one sample are consecutive (WebDataset).
+def iter_tar_samples(paths: Iterable[str], skipped: Counter[str] | None = None,
+                     wanted: Callable[[str], bool] = lambda name: True) -> Iterator[TarSample]:
+    """Yield the samples of each tar in order through the one shard reader every command uses.
 
-    Random-access mode: iterating reads the headers only, so members nobody asks for are
-    skipped with a seek, never read. Non-file members and names without an extension are ignored.
+    Members of a sample are consecutive (WebDataset); members ``wanted`` rejects are passed with a
+    seek, never read. A truncated tar, one without its end-of-archive marker or with a bad header
+    (``corrupt_tar``), a key seen twice in a shard (``duplicate_key``) and a member seen twice
+    (``duplicate_member``, the first kept) are counted in ``skipped``, as the training loader does.
+    Members without an extension are ignored.
     """
+    counts: Counter[str] = skipped if skipped is not None else Counter()
     for path in paths:
-        with tarfile.open(path, mode="r:*") as tar:
-            key: str | None = None
-            members: dict[str, tarfile.TarInfo] = {}
-            for info in tar:
-                parts = split_member_name(info.name) if info.isfile() else None
-                if parts is None:
-                    continue
-                k, ext = parts
-                if k != key:
-                    if key is not None:
-                        yield TarSample(key, path, members, tar)
-                    key, members = k, {}
-                members[ext] = info
-            if key is not None:
-                yield TarSample(key, path, members, tar)
+        for sample in iter_samples(path, wanted, counts):
+            members = {ext: data for ext, data in sample.items() if not ext.startswith("__") and ext}
+            yield TarSample(str(sample["__key__"]), path, members)
+
+
+def decode_image(f: IO[bytes] | bytes) -> tuple[int, int]:
+    """(width, height) after a full decode; raises on truncated, corrupt or decompression-bomb images."""
+    w, h = image_size(f)
+    fp = io.BytesIO(f) if isinstance(f, (bytes, bytearray)) else f
+    fp.seek(0)
+    with Image.open(fp) as img:
+        img.load()  # every pixel: a truncated JPEG fails here, not in training
+    return w, h
 
 
 def image_size(f: IO[bytes] | bytes) -> tuple[int, int]:
@@ -164,9 +162,14 @@ def image_size(f: IO[bytes] | bytes) -> tuple[int, int]:
     return w, h
 
 
-def copy_sample(writer: ShardWriter, sample: TarSample, key: str | None = None) -> None:
-    """Write all of ``sample``'s members byte for byte (never decoded, never unpickled)."""
+def copy_sample(writer: ShardWriter, sample: TarSample, key: str | None = None,
+                keep: Iterable[str] | None = None) -> None:
+    """Write ``sample``'s members (only the image and extensions in ``keep``, if given) byte for
+    byte (never decoded, never unpickled)."""
     data = sample.read_all()
+    if keep is not None:
+        keep = set(keep) | {sample.image_ext}
+        data = {ext: v for ext, v in data.items() if ext in keep}
     image_ext = sample.image_ext
     if image_ext is None:
         raise ValueError(f"{sample.shard}: sample {sample.key!r} has no image member")

@@ -15,6 +15,10 @@ from .filter import normalize_caption, words
 from .shards import expand_shards, image_size, iter_tar_samples, require
 from .writer import SIZES_FILE, write_json_atomic
 
+
+def _image_or_caption(name: str) -> bool:
+    return name.lower().endswith((".txt", ".jpg", ".jpeg", ".png", ".webp"))
+
 STATS_FILE = "stats.json"
 # Bin edges; the last bin is open-ended ("None" in the JSON). 200 px and 3:1 are ALIGN's cut-offs.
 SIDE_EDGES: tuple[float, ...] = (0, 32, 64, 128, 200, 256, 384, 512, 768, 1024, 2048)
@@ -75,7 +79,8 @@ def shard_stats(
     aspects: list[float] = []
     n_words: list[int] = []
     captions: Counter[str] = Counter()
-    for sample in iter_tar_samples(paths):
+    # Only the image and caption members are read (the rest is passed with a seek).
+    for sample in iter_tar_samples(paths, problems, wanted=_image_or_caption):
         per_shard[sample.shard] = per_shard.get(sample.shard, 0) + 1
         ext = sample.image_ext
         if ext is None:

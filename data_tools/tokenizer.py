@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
 # Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
 # adds the data tools' strictness); re-exported here for existing callers.
-from .shards import expand_shards
+from .shards import expand_shards, iter_tar_samples
 
 __all__ = ["SPECIAL_TOKENS", "expand_shards", "iter_captions", "train_wordpiece"]
 
@@ -25,22 +24,12 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes t
 
 
 def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
-    """Yield the ``.txt`` captions of the given shards, in shard order; non-UTF-8 ones are skipped."""
-    for path in expand_shards(shards):
-        # Stream mode: reads the tar sequentially and never loads non-.txt payloads into memory.
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".txt"):
-                    continue
-                f = tar.extractfile(member)
-                if f is None:
-                    continue
-                try:
-                    text = f.read().decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    continue
-                if text:
-                    yield text
+    """Yield the ``.txt`` captions of the given shards, in shard order, through the one shard
+    reader (other members are never read); non-UTF-8 and empty ones are skipped."""
+    for sample in iter_tar_samples(expand_shards(shards), wanted=lambda name: name.endswith(".txt")):
+        caption, _ = sample.caption()
+        if caption:
+            yield caption
 
 
 def train_wordpiece(

@@ -82,14 +82,16 @@ def test_stats_sizes_json(shards: Path, tmp_path: Path) -> None:
 
 
 def test_stats_reads_only_image_and_caption(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualenc.data.tario import TarWalker
+
     read: list[str] = []
-    real = tarfile.TarFile.extractfile
+    real = TarWalker.read
 
     def spy(self, member):
-        read.append(member.name if isinstance(member, tarfile.TarInfo) else member)
+        read.append(member.name)
         return real(self, member)
 
-    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    monkeypatch.setattr(TarWalker, "read", spy)
     shard_stats(shards, plots=False, write_sizes=False)
     assert read and all(name.endswith((".png", ".jpg", ".txt")) for name in read)  # .pyd never read
 

@@ -7,14 +7,15 @@ lines), so a rerun skips the finished ones without reading their input again.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import webdataset as wds
 
 from dualenc.data.datamodule import eval_loader
 from dualenc.data.sources import REMOTE_PREFIXES, expand_urls
+from dualenc.data.tario import iter_samples
 from dualenc.eval.encode import encode_texts, is_image_folder, split_captions
 from dualenc.eval.imagefolder import image_folder_loader, list_images
 from dualenc.eval.store import EmbeddingWriter
@@ -90,9 +91,14 @@ def embed_to_dir(model: DualEncoder, src: str, out_dir: str | Path, kind: str, m
     else:
         tokenize = model.text_tower.tokenizer_fn()
         for name, part in todo:
-            texts, ids = (_captions(part, caption_key) if stype == "shards" else part)
+            info: dict[str, Any] = {}
+            if stype == "shards":
+                texts, ids, skipped = _captions(part, caption_key)
+                info = {"source": part, **({"skipped": skipped} if skipped else {})}
+            else:
+                texts, ids = part
             embs = [encode_texts(model, tokenize, texts, device, batch_size)] if texts else []
-            _write(writer, name, embs, ids, model, {"source": part} if stype == "shards" else {}, log)
+            _write(writer, name, embs, ids, model, info, log)
     manifest = writer.finish()
     if manifest["count"] == 0:
         raise ValueError(f"nothing was embedded from {src}: every sample was skipped or empty")
@@ -119,19 +125,25 @@ def _units(src: str, stype: str, shard_size: int) -> list[tuple[str, Any]]:
             for i, chunk in enumerate(_groups(lines, shard_size))]
 
 
-def _captions(url: str, caption_key: str) -> tuple[list[str], list[str]]:
-    """Every caption line of one shard, with ids ``key#j`` (images are never decoded)."""
+def _captions(url: str, caption_key: str) -> tuple[list[str], list[str], dict[str, int]]:
+    """Every caption line of one shard, with ids ``key#j``, through the one shard reader (images are
+    never read); non-UTF-8 captions, duplicate members and keys are skipped and counted."""
     texts, ids = [], []
-    pipe = wds.DataPipeline(wds.SimpleShardList([url]),
-                            wds.tarfile_to_samples(select_files=lambda n: n.endswith(f".{caption_key}")))
-    for sample in pipe:
+    skipped: Counter[str] = Counter()
+    for sample in iter_samples(url, lambda name: name.lower().endswith(f".{caption_key}"), skipped):
         raw = sample.get(caption_key)
         if raw is None:
+            skipped["missing_caption"] += 1
             continue
-        for j, cap in enumerate(split_captions(raw.decode("utf-8", errors="replace"))):
+        try:
+            caption = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["non_utf8_caption"] += 1
+            continue
+        for j, cap in enumerate(split_captions(caption)):
             texts.append(cap)
             ids.append(f"{sample['__key__']}#{j}")
-    return texts, ids
+    return texts, ids, dict(skipped)
 
 
 def _embed_image_shards(model: DualEncoder, todo: list[tuple[str, str]], writer: EmbeddingWriter, batch_size: int,
