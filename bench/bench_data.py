@@ -28,6 +28,14 @@ the new defaults together and all levers together (``--levers`` picks which):
 - ``eval``: the validation path (resize + center crop) with and without the safe draft decode.
 
     python bench/bench_data.py                     # writes bench/results/data_throughput_cpu.json
+
+``--resume-cost`` times something else: the time to the first batch of a train loader (1 worker,
+shuffle buffer 2000) resumed at raw position 0, 100k and 1M of its worker (``--resume-positions``),
+on ~1.5 KB JPEGs (one 10k-sample shard linked under many names, so a 1M-sample epoch costs 15 MB of
+disk), once replaying the shuffle from the shards' counts (dualenc's resume) and once by reading
+every consumed byte (how it resumed before; 1M is skipped for it unless ``--replay-reads-all``).
+
+    python bench/bench_data.py --resume-cost       # writes bench/results/data_resume_cpu.json
 """
 
 from __future__ import annotations
@@ -397,6 +405,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Time to the first batch after resuming at each of ``args.resume_positions`` (see the docstring)."""
+    from dualenc.data.datamodule import WebDataModule
+    from dualenc.data_tools.writer import ShardWriter, encode_image
+
+    per_shard, positions = 10_000, sorted(args.resume_positions)
+    buffer, batch = 2000, args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        photos, source = source_photos(args.synthetic)
+        rng = random.Random(0)
+        nbytes = 0
+        with ShardWriter(os.path.join(tmp, "base"), max_count=per_shard) as writer:
+            for i in range(per_shard):
+                img = web_image(rng.choice(photos), rng).resize((40, 30), Image.BILINEAR)
+                data = encode_image(img, "jpg", quality=90)
+                nbytes += len(data)
+                writer.write(f"{i:06d}", data, caption(rng))
+        base = writer.shards[0]
+        data_dir = os.path.join(tmp, "data")
+        os.makedirs(data_dir)
+        n_shards = -(-(positions[-1] + 20 * buffer + 10 * batch) // per_shard)
+        for i in range(n_shards):
+            os.symlink(base, os.path.join(data_dir, f"{i:05d}.tar"))
+        with open(os.path.join(data_dir, "sizes.json"), "w") as f:
+            json.dump({f"{i:05d}.tar": per_shard for i in range(n_shards)}, f)
+        cfg, tokenize = data_config(64), tokenizer_fn(args.tokens)
+
+        def first_batch(pos: int, reads: bool) -> dict[str, Any]:
+            dm = WebDataModule(train=data_dir, batch_size=batch, num_workers=1, shuffle_buffer=buffer,
+                               epoch_samples=n_shards * per_shard)
+            dm.set_preprocessing(cfg, tokenize)
+            loader = dm.train_dataloader()
+            loader.stream.replay_reads = reads
+            if pos:
+                loader.load_state_dict({"ranks": [{"epoch": 0, "positions": {0: pos}, "batches": {0: 0}}],
+                                        "num_workers": 1})
+            t0 = time.perf_counter()
+            it = iter(loader)
+            out = next(it)
+            seconds = time.perf_counter() - t0
+            assert int(out["stream"][2]) > pos  # it did resume there
+            del it
+            return {"seconds": seconds}
+
+        rows = []
+        for pos in positions:
+            # The fastest of the repeats: other load only ever slows a run.
+            runs = [first_batch(pos, False)["seconds"] for _ in range(args.repeats)]
+            row = {"position": pos, "from_counts_s": min(runs), "all_runs_s": runs}
+            if pos <= 100_000 or args.replay_reads_all:
+                row["reading_replay_s"] = first_batch(pos, True)["seconds"]
+            rows.append(row)
+            print(row, flush=True)
+    zero = rows[0]["from_counts_s"]
+    return {"benchmark": "time to the first batch after a mid-epoch resume (1 loader worker)",
+            "machine": machine(), "loadavg": os.getloadavg(), "torch": torch.__version__,
+            "setup": {"image": "40x30 JPEG q90", "mean_jpeg_kb": nbytes / per_shard / 1024, "source": source,
+                      "per_shard": per_shard, "shards": n_shards, "shuffle_buffer": buffer, "batch_size": batch,
+                      "repeats": args.repeats},
+            "rows": rows,
+            "ratio_1m_to_0": (next((r["from_counts_s"] for r in rows if r["position"] == 1_000_000), None) or 0)
+            / zero,
+            "goal": "position 1,000,000 within 2x of position 0 (which includes one buffer fill)"}
+
+
 def machine() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -438,13 +511,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pre_resized lever: shorter side stored at this times the training size")
     p.add_argument("--synthetic", action="store_true", help="use synthetic images even if scikit-image is present")
     p.add_argument("--preliminary", action="store_true", help="mark the result preliminary (loaded machine)")
-    p.add_argument("--out", type=Path, default=RESULTS / "data_throughput_cpu.json")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default by mode)")
+    p.add_argument("--resume-cost", action="store_true", help="time resuming instead (see the docstring)")
+    p.add_argument("--resume-positions", type=int, nargs="+", default=[0, 100_000, 1_000_000])
+    p.add_argument("--replay-reads-all", action="store_true", help="also time the reading replay at 1M (minutes)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("data_resume_cpu.json" if args.resume_cost else "data_throughput_cpu.json")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
+    result = resume_cost(args) if args.resume_cost else run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

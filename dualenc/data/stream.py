@@ -195,6 +195,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.state = StreamState()  # set by the loader before workers start (epoch, resume point)
+        self.replay_reads = False  # benchmarks only: replay by reading every byte, as before counts
         self._scanned: dict[str, int] = {}
 
     # -- which shards a worker reads -----------------------------------------------------------
@@ -334,12 +335,13 @@ class ShardStream(IterableDataset):
         ctxs, raw = self._raw_stream(worker, workers)
         if pos:
             for c in ctxs:
-                c.live = False
+                c.live = self.replay_reads
             for _ in range(pos):  # replay to the resume point from the counts: nothing is read
                 t = next(raw)
                 ctxs[t[0]].store.pop(t, None)
             for i, c in enumerate(ctxs):
-                self._go_live(i, c)
+                if not c.live:
+                    self._go_live(i, c)
         epoch, batch = self.state.epoch, []
         while made < self.batches_per_worker:
             t = next(raw)
