@@ -11,10 +11,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
+from dualenc.data.evalsets import EvalSets, as_eval_sets
 from dualenc.data.sources import count_samples, expand_urls
 from dualenc.data.stream import ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
+from dualenc.errors import ConfigError
 
 
 @dataclass
@@ -84,6 +86,12 @@ class WebDataModule(L.LightningDataModule):
             than ``bicubic``; a pretrained tower was trained with its own).
         max_pixels: larger images are skipped (decompression bombs).
         seed: shuffling seed.
+        test / test_samples: shards (and their sample count) whose contrastive loss ``dualenc test``
+            reports as ``test/loss``, beside the eval sets.
+        predict: shards ``dualenc predict`` embeds (images, and captions when present), in order.
+        eval_sets: zero-shot and retrieval sets (``{zeroshot: [{name, data, ...}], retrieval: [...]}``):
+            run by ``EvalCallback`` during fit and reported by ``dualenc validate`` and ``dualenc test``.
+            Their paths are checked when the config is loaded.
     """
 
     def __init__(
@@ -107,6 +115,10 @@ class WebDataModule(L.LightningDataModule):
         jpeg_draft: bool = True,
         draft_crop_scale: float | None = None,
         interpolation: str | None = None,
+        test: str | None = None,
+        test_samples: int | None = None,
+        predict: str | None = None,
+        eval_sets: EvalSets | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -127,6 +139,13 @@ class WebDataModule(L.LightningDataModule):
                                                                      for s in (train or [])]
         self.train_sources = [Source(expand_urls(s.shards), s.weight) for s in specs]
         self.val_sources = [Source(expand_urls(val))] if val else []
+        self.test_sources = [Source(expand_urls(test))] if test else []
+        self.test_samples, self.predict_spec = test_samples, predict
+        if predict:
+            expand_urls(predict)
+        self.eval_sets = as_eval_sets(eval_sets)
+        if self.eval_sets:
+            self.eval_sets.check_paths()
         self._consumed: dict[int, tuple[int, int]] = {}
         self._consumed_epoch = -1
         self._resume: dict[str, Any] | None = None
@@ -211,6 +230,36 @@ class WebDataModule(L.LightningDataModule):
         if not self.val_sources:
             return []
         return self._loader(self.val_sources, False, self.val_samples, "val")
+
+    def test_dataloader(self) -> StreamLoader | DataLoader:
+        if self.test_sources:
+            return self._loader(self.test_sources, False, self.test_samples, "test")
+        # Lightning runs the test hooks only with at least one batch; without test shards the eval sets
+        # (read by the suite in DualEncoderModule.on_test_epoch_end) are the whole test, so one empty
+        # marker batch per rank lets the loop reach that hook.
+        return DataLoader([{"eval_sets_only": True}], batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.predict_spec:
+            raise ConfigError("nothing to predict: set --data.predict to the shards to embed")
+        rank, world = self._world()
+        urls = expand_urls(self.predict_spec)[rank::world]  # whole shards per rank, each in order
+        if not urls:
+            raise ConfigError(f"data.predict has {len(expand_urls(self.predict_spec))} shard(s) for {world} ranks; "
+                              "give at least one shard per rank")
+        if self.data_config is None:
+            raise RuntimeError("call set_preprocessing(...) or run under a Trainer first")
+        return eval_loader(urls, self.data_config, self.batch_size, self.num_workers, label_key=None,
+                           caption_key=self.decoder_args["caption_key"], tokenize=self.tokenize)
+
+    def eval_suite(self) -> Any:
+        """The ``EvalSuite`` of ``eval_sets`` (None without sets)."""
+        if not self.eval_sets:
+            return None
+        from dualenc.eval.suite import EvalSuite  # lazy: dualenc.eval imports this module
+
+        zeroshot, retrieval = self.eval_sets.set_kwargs()
+        return EvalSuite(zeroshot, retrieval, self.eval_sets.batch_size, self.eval_sets.num_workers)
 
     # -- exact resume --------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
