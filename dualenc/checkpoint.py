@@ -17,12 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dualenc.errors import IncompleteFileError
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask  # what open() would give a new file: checkpoints are shared like any output
+from dualenc.fileio import shared_file_mode
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -39,7 +34,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, shared_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
