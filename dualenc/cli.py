@@ -95,10 +95,20 @@ def _cli_class() -> type:
                 # Raised while building what the config describes: the config is what needs fixing.
                 raise ConfigError(f"bad config: {message(e)}") from e
 
-        def _before(self) -> None:
-            ckpt = self.config[self.subcommand].get("ckpt_path")
+        def _check_ckpt(self) -> None:
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
             if ckpt and str(ckpt) not in _CKPT_NAMES:
                 check_checkpoint(ckpt)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyperparameters right after parsing (torch.load: a bare
+            # EOFError on an empty file). Not a public hook: if it goes away, _before still checks.
+            self._check_ckpt()
+            super()._parse_ckpt_path()
+
+        def _before(self) -> None:
+            self._check_ckpt()
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
                 strategy.checkpoint_io = AtomicCheckpointIO()
