@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from dualenc.progress import progress, sample_total
+
 from .filter import normalize_caption, words
 from .shards import expand_shards, image_size, iter_tar_samples, require
 from .writer import SIZES_FILE, write_json_atomic
@@ -75,7 +77,7 @@ def shard_stats(
     aspects: list[float] = []
     n_words: list[int] = []
     captions: Counter[str] = Counter()
-    for sample in iter_tar_samples(paths):
+    for sample in progress(iter_tar_samples(paths), total=sample_total(paths), desc="stats", unit="sample"):
         per_shard[sample.shard] = per_shard.get(sample.shard, 0) + 1
         ext = sample.image_ext
         if ext is None:

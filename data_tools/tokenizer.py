@@ -15,6 +15,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+from dualenc.progress import progress
+
 # Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
 # adds the data tools' strictness); re-exported here for existing callers.
 from .shards import expand_shards
@@ -26,7 +28,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes t
 
 def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
     """Yield the ``.txt`` captions of the given shards, in shard order; non-UTF-8 ones are skipped."""
-    for path in expand_shards(shards):
+    for path in progress(expand_shards(shards), desc="tokenizer: reading captions", unit="shard"):
         # Stream mode: reads the tar sequentially and never loads non-.txt payloads into memory.
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:

@@ -31,10 +31,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, Fi
 DEBUG_ENV = "DUALENC_DEBUG"
 
 
+def debug_wanted() -> bool:
+    """Whether tracebacks of user errors are wanted (``DUALENC_DEBUG=1``, which ``--debug`` sets)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
-    """``argv`` without ``--debug``, and whether tracebacks are wanted (``--debug`` or ``DUALENC_DEBUG=1``)."""
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    return [a for a in argv if a != "--debug"], debug
+    """``argv`` without ``--debug``, and whether tracebacks are wanted (``--debug`` or ``DUALENC_DEBUG=1``).
+
+    ``--debug`` also sets ``DUALENC_DEBUG=1``, so nested commands with their own handlers see it.
+    """
+    if "--debug" in argv:
+        os.environ[DEBUG_ENV] = "1"
+    return [a for a in argv if a != "--debug"], debug_wanted()
 
 
 def message(err: BaseException) -> str:
@@ -56,6 +65,5 @@ def run_guarded(prog: str, fn: Callable[[], int], debug: bool,
     except USER_ERRORS + extra as e:
         if debug:
             raise
-        print(f"{prog}: error: {message(e)}", file=sys.stderr)
-        print(f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {message(e)}", file=sys.stderr)  # --help says how to see the traceback
         return 2

@@ -145,7 +145,7 @@ def test_user_error_prints_no_traceback_and_debug_shows_it(tmp_path: Path) -> No
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 2 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "missing.yaml" in lines[0] and "does not exist; check --config" in lines[0]
     proc = subprocess.run(args + ["--debug"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
