@@ -75,6 +75,23 @@ def _rank_zero_process() -> bool:
 _CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
+def default_loggers(root: str) -> list:
+    """The loggers of a config that names none: CSV (``metrics.csv``, read by ``dualenc report``) under
+    ``root/lightning_logs``, plus TensorBoard under ``root/tensorboard`` when ``tensorboard`` is installed.
+
+    Lightning's own default is one or the other depending on what is installed; this keeps the CSV
+    file (and checkpoint folder) where it always was.
+    """
+    import importlib.util
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(root)]
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        loggers.append(TensorBoardLogger(root, name="tensorboard"))
+    return loggers
+
+
 def _cli_class() -> type:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
@@ -110,6 +127,8 @@ def _cli_class() -> type:
 
         def _before(self) -> None:
             self._check_ckpt()
+            if self.config[self.subcommand]["trainer"].get("logger") in (None, True):
+                self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
                 strategy.checkpoint_io = AtomicCheckpointIO()

@@ -115,3 +115,48 @@ def test_build_that_writes_nothing_fails_with_the_reasons(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert code == 1
     assert "0 of 2 samples written (" in err and "--image-root" in err
+
+
+def test_report_reads_tensorboard_event_files(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dualenc.eval.tbevents import read_tensorboard_metric
+
+    logger = TensorBoardLogger(tmp_path / "run", name="tensorboard")
+    for step, value in [(0, 0.07), (10, 0.065), (20, 0.06)]:
+        logger.log_metrics({"train/temperature": value, "train/loss": 4.0 - step / 10}, step=step)
+    logger.finalize("success")
+    steps, values = read_tensorboard_metric(tmp_path / "run")
+    assert steps == [0, 10, 20] and values == pytest.approx([0.07, 0.065, 0.06])
+    assert main(["report", "--tensorboard", str(tmp_path / "run"), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "train_temperature.png").is_file()
+    assert main(["report", "--tensorboard", str(tmp_path / "run"), "--column", "val/x", "--out", str(tmp_path)]) == 2
+    assert "no scalar 'val/x'" in capsys.readouterr().err
+
+
+def test_default_loggers_keep_the_csv_and_add_tensorboard(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from dualenc.cli import default_loggers
+
+    csv, tb = default_loggers(str(tmp_path))
+    assert isinstance(csv, CSVLogger) and isinstance(tb, TensorBoardLogger)
+    assert Path(csv.log_dir).parent == tmp_path / "lightning_logs" and Path(tb.log_dir).parent == tmp_path / "tensorboard"
+
+
+@pytest.mark.parametrize("fragment, logger", [("tensorboard", "TensorBoardLogger"), ("wandb", "WandbLogger")])
+def test_logger_fragments_parse(fragment, logger, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(root / "demo.yaml"), "--config", str(root / "loggers" / f"{fragment}.yaml"),
+              "--data.eval_sets=null", "--print_config"])
+    assert err.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    names = [entry["class_path"].rsplit(".", 1)[1] for entry in printed["trainer"]["logger"]]
+    assert names == ["CSVLogger", logger]
+    if fragment == "wandb":
+        assert printed["trainer"]["logger"][1]["init_args"]["offline"] is True

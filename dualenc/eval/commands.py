@@ -307,26 +307,33 @@ def cmd_compose(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    """dualenc report [--results R.json ...] [--metrics-csv metrics.csv] --out DIR"""
+    """dualenc report [--results R.json ...] [--metrics-csv metrics.csv | --tensorboard DIR] --out DIR"""
     from dualenc.eval.plots import plot_temperature
     from dualenc.eval.report import plot_record, read_csv_metric, read_results, summary_table
 
     p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc report", description="Plots and a summary from results JSON files "
                                 "(dualenc zeroshot/retrieval --json, EvalCallback results_dir) and the temperature "
-                                "curve from Lightning's CSVLogger metrics.csv.")
+                                "curve from Lightning's CSVLogger metrics.csv or TensorBoardLogger event files.")
     p.add_argument("--results", nargs="+", default=[], help="results JSON files")
     p.add_argument("--metrics-csv", help="CSVLogger metrics.csv of a training run")
-    p.add_argument("--column", default="train/temperature", help="column of --metrics-csv to plot")
+    p.add_argument("--tensorboard", help="TensorBoard event file, or a folder searched for them (a run's log dir)")
+    p.add_argument("--column", default="train/temperature", help="column of --metrics-csv (scalar tag of "
+                   "--tensorboard) to plot")
     p.add_argument("--out", required=True, help="directory for the PNG plots")
     a = p.parse_args(argv)
-    if not a.results and not a.metrics_csv:
-        p.error("give --results and/or --metrics-csv")
+    if not a.results and not a.metrics_csv and not a.tensorboard:
+        p.error("give --results and/or --metrics-csv or --tensorboard")
     made: list[Path] = []
     records = [r for f in a.results for r in read_results(f)]
     for r in records:
         made += plot_record(r, a.out)
-    if a.metrics_csv:
-        steps, values = read_csv_metric(a.metrics_csv, a.column)
+    if a.metrics_csv or a.tensorboard:
+        if a.metrics_csv:
+            steps, values = read_csv_metric(a.metrics_csv, a.column)
+        else:
+            from dualenc.eval.tbevents import read_tensorboard_metric
+
+            steps, values = read_tensorboard_metric(a.tensorboard, a.column)
         made.append(plot_temperature(steps, values, Path(a.out) / f"{a.column.replace('/', '_')}.png",
                                      title=f"{a.column} over training"))
     if records:
