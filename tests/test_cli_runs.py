@@ -190,3 +190,17 @@ def test_fit_refuses_an_output_folder_in_use(tmp_path: Path, demo_data: Path, ca
     # releases its own lock when it ends.
     assert main(["fit", "--config", str(cfg), "--trainer.max_steps=1", "--data.eval_sets=null"]) == 0
     assert not (run / LOCK_NAME).exists()
+
+
+def test_fit_runs_data_eval_sets_through_a_setless_callback(tmp_path: Path, demo_data: Path) -> None:
+    cfg_path = eval_config(tmp_path, demo_data)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["trainer"]["callbacks"].append({"class_path": "dualenc.eval.callback.EvalCallback",
+                                        "init_args": {"every_n_steps": 2, "every_n_epochs": None}})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cli = make_cli(["fit", "--config", str(cfg_path), "--trainer.max_steps=2", "--trainer.limit_val_batches=0"])
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "EvalCallback")
+    assert callback.suite is not None and [s.name for s in callback.suite.zeroshot] == ["heldout"]
+    metrics = cli.trainer.callback_metrics
+    assert "eval/heldout/top1" in metrics and "eval/valret/image_retrieval_recall@1" in metrics
+    assert 0 <= float(metrics["eval/heldout/top1"]) <= 1
