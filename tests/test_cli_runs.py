@@ -204,3 +204,16 @@ def test_fit_runs_data_eval_sets_through_a_setless_callback(tmp_path: Path, demo
     metrics = cli.trainer.callback_metrics
     assert "eval/heldout/top1" in metrics and "eval/valret/image_retrieval_recall@1" in metrics
     assert 0 <= float(metrics["eval/heldout/top1"]) <= 1
+
+
+def test_shards_without_counts_fail_in_one_line_naming_the_flag(tmp_path: Path, demo_data: Path, capsys) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(demo_data / "train" / sorted(p.name for p in (demo_data / "train").glob("*.tar"))[0], bare)
+    cfg = eval_config(tmp_path, demo_data)
+    assert main(["fit", "--config", str(cfg), f"--data.train={bare}", "--data.eval_sets=null"]) == 2
+    err = capsys.readouterr().err
+    assert "no sizes.json or *_stats.json beside the shards" in err and "--data.epoch_samples" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

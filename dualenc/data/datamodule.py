@@ -174,8 +174,8 @@ class WebDataModule(L.LightningDataModule):
         rank, world = self._world()
         fewest = min(len(s.urls) for s in sources)
         if fewest < world and not self.resampled:
-            raise ValueError(f"{name}: {fewest} shard(s) cannot feed {world} ranks; every rank needs at least "
-                             "one shard of each source (write more, smaller shards, or set data.resampled)")
+            raise ConfigError(f"{name}: {fewest} shard(s) cannot feed {world} ranks; every rank needs at least "
+                              "one shard of each source (write more, smaller shards, or set --data.resampled true)")
         # Each worker reads whole shards, so more workers than shards per rank would sit idle.
         num_workers = self.num_workers if self.resampled else min(self.num_workers, fewest // world)
         workers = max(1, num_workers)
@@ -183,14 +183,16 @@ class WebDataModule(L.LightningDataModule):
             counts = [count_samples(s.urls) for s in sources]
             samples = None if None in counts else sum(counts)  # type: ignore[arg-type]
         if samples is None:
-            raise ValueError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
-                             f"data.{'epoch_samples' if train else 'val_samples'}")
+            raise ConfigError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
+                              f"--data.{'epoch_samples' if train else name + '_samples'} (or run dualenc-data stats "
+                              "on them, which writes sizes.json)")
         # Every worker of every rank yields exactly this many full batches (cycling its shards if
         # needed), so all ranks take the same number of steps and DDP never waits on a finished rank.
         per_worker = samples // (self.batch_size * world * workers)
         if per_worker == 0:
-            raise ValueError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
-                             f"worker on {world} rank(s) x {workers} worker(s); lower batch_size or num_workers")
+            raise ConfigError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
+                              f"worker on {world} rank(s) x {workers} worker(s); lower --data.batch_size or "
+                              "--data.num_workers")
         decoder, transform = self.preprocessing(train)
         stream = ShardStream(
             sources, decoder, decoder.wanted, decoder.skipped, transform,
@@ -220,7 +222,7 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StreamLoader:
         if not self.train_sources:
-            raise ValueError("no training shards: set data.train")
+            raise ConfigError("no training shards: set --data.train")
         loader = self._loader(self.train_sources, True, self.epoch_samples, "train")
         loader.resume = self._resume_state(loader)
         self._train_loader = loader
