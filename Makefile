@@ -22,7 +22,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dualenc-data demo --out $(DEMO) --overwrite
 	$(BIN)/dualenc-data tokenizer --shards $(DEMO)/train --out $(DEMO)/tokenizer --overwrite
-	$(BIN)/dualenc fit --config configs/demo.yaml --data.train $(DEMO)/train --data.val $(DEMO)/val
+	$(BIN)/dualenc fit --config configs/demo.yaml --data.train $(DEMO)/train --data.val $(DEMO)/val \
+	    --data.eval_sets.zeroshot '[{name: heldout, data: $(DEMO)/heldout}]'
 	$(BIN)/dualenc zeroshot --model runs/demo/export --data $(DEMO)/heldout --name "held-out combinations"
 
 test: install

@@ -32,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from dualenc.data.decode import SampleDecoder
+from dualenc.progress import progress
 
 from .shards import image_size, require, split_member_name
 from .writer import SIZES_FILE, ShardWriter, encode_image, write_json_atomic
@@ -418,7 +419,7 @@ def build_shards(
 
     save()  # from here on the directory is marked as a build, so a rerun can resume it
     built = []
-    for j in todo:
+    for j in progress(todo, desc="build", unit="shard"):
         chunk = {i: r for i, r in enumerate(rows[j * shard_size:(j + 1) * shard_size], start=j * shard_size)
                  if r.is_url and not r.problem}
         staging = out / ".download"

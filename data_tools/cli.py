@@ -7,7 +7,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from dualenc.errors import UserError
+from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.errors import UserError, pop_debug, run_guarded
 
 # name -> (help, add_arguments, run). run returns the exit code. New subcommands (build,
 # filter, stats, dedupe) only need an entry here.
@@ -113,7 +114,25 @@ def _run_build(args: argparse.Namespace) -> int:
     print(f"{report['written']} of {report['rows']} samples in {len(report['shards'])} shard(s) "
           f"({len(run['built'])} written now, {len(run['reused'])} already done); skipped: {skipped}")
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s; report: {args.out}/build_report.json")
+    if report["written"] == 0:
+        hint = ""
+        if args.table and not args.image_root and any(k in report["skipped"] for k in ("missing_file", "missing_image")):
+            hint = "; relative image paths start at the table's folder: point --image-root at the images"
+        return _nothing_written("build", report["rows"], report["skipped"], hint)
     return 0
+
+
+# Filter rules -> the flag that relaxes each (every rule can also be turned off with --disable RULE).
+_RULE_FLAGS = {"image_too_small": "--min-side", "aspect_ratio": "--max-aspect", "shared_image": "--max-image-captions",
+               "boilerplate": "--boilerplate-regex/--no-default-boilerplate", "too_few_words": "--min-words",
+               "too_many_words": "--max-words", "shared_caption": "--max-caption-shares", "rare_tokens": "--top-ngrams"}
+
+
+def _nothing_written(command: str, n: int, reasons: dict[str, int], hint: str = "") -> int:
+    """A build or filter that wrote 0 samples failed, whatever it read: say why, exit 1."""
+    why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "no input sample"
+    print(f"dualenc-data {command}: error: 0 of {n} samples written ({why}){hint}", file=sys.stderr)
+    return 1
 
 
 def _add_filter(p: argparse.ArgumentParser) -> None:
@@ -156,6 +175,12 @@ def _run_filter(args: argparse.Namespace) -> int:
         total = report["dropped"]["by_rule"][rule]
         print(f"  {rule:18s} {count:8d}  (rule alone: {total})")
     print(f"wrote {len(report['output']['shards'])} shard(s) to {args.out}; report: {args.out}/filter_report.json")
+    if report["kept"] == 0:
+        first = report["dropped"]["first_rule"]
+        top = max(first, key=first.get) if first else None
+        hint = (f"; most were dropped by {top}: relax it with {_RULE_FLAGS[top]} or --disable {top}"
+                if top in _RULE_FLAGS else "")
+        return _nothing_written("filter", n, first, hint)
     return 0
 
 
@@ -221,29 +246,26 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser(prog: str = "dualenc-data") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Dataset tools for dualenc.")
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog=prog,
+                                     description="Dataset tools for dualenc. --debug (or DUALENC_DEBUG=1) shows "
+                                     "the traceback of an error.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=DefaultsHelpFormatter))
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "dualenc-data") -> int:
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(prog).parse_args(argv)
     run = SUBCOMMANDS[args.command][2]
-    try:
-        return run(args)
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
-        # Expected user errors: one line, no traceback.
-        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        from .shards import MissingDependencyError
+    from .shards import MissingDependencyError
 
-        if not isinstance(e, MissingDependencyError):
-            raise
-        print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    try:
+        # Expected user errors: one line, no traceback (--debug or DUALENC_DEBUG=1 shows it).
+        return run_guarded(f"{prog} {args.command}", lambda: run(args), debug,
+                           extra=(ValueError, MissingDependencyError))
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130

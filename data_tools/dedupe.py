@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dualenc.progress import progress, sample_total
+
 from .shards import MAX_PIXELS, TarSample, check_key, check_output_dir, expand_shards, iter_tar_samples, staged_output
 from .writer import ShardWriter, write_json_atomic
 
@@ -187,7 +189,7 @@ def dedupe_shards(
                         stats["kept"] += 1
                 pending.clear()
 
-            for sample in iter_tar_samples(paths):
+            for sample in progress(iter_tar_samples(paths), total=sample_total(paths), desc="dedupe", unit="sample"):
                 stats["samples"] += 1
                 check_key(sample.key, sample.shard, seen)
                 ext = sample.image_ext

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dualenc.progress import progress, sample_total
+
 from .shards import (
     TarSample,
     check_key,
@@ -239,7 +241,8 @@ def filter_shards(
     keys: set[str] = set()
     n_input = 0
     reader_skipped: Counter[str] = Counter()
-    for sample in iter_tar_samples(paths, reader_skipped):
+    for sample in progress(iter_tar_samples(paths, reader_skipped), total=sample_total(paths),
+                           desc="filter: counting", unit="sample"):
         n_input += 1
         check_key(sample.key, sample.shard, keys)
         caption, _ = sample.caption()
@@ -260,7 +263,8 @@ def filter_shards(
     kept = 0
     with staged_output(out_dir, overwrite=overwrite, marker=REPORT_FILE, inputs=paths) as tmp:
         with ShardWriter(tmp, prefix=prefix, max_count=shard_size) as writer:
-            for sample in iter_tar_samples(paths):
+            for sample in progress(iter_tar_samples(paths), total=sample_total(paths), desc="filter: writing",
+                                   unit="sample"):
                 reasons, caption = judge(sample, tables)
                 if not reasons:
                     copy_sample(writer, sample, keep=KNOWN_MEMBERS)  # never .pyd/.pickle/...

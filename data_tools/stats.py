@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from dualenc.progress import progress, sample_total
+
 from .filter import normalize_caption, words
 from .shards import expand_shards, image_size, iter_tar_samples, require
 from .writer import SIZES_FILE, write_json_atomic
@@ -80,7 +82,8 @@ def shard_stats(
     n_words: list[int] = []
     captions: Counter[str] = Counter()
     # Only the image and caption members are read (the rest is passed with a seek).
-    for sample in iter_tar_samples(paths, problems, wanted=_image_or_caption):
+    for sample in progress(iter_tar_samples(paths, problems, wanted=_image_or_caption), total=sample_total(paths),
+                           desc="stats", unit="sample"):
         per_shard[sample.shard] = per_shard.get(sample.shard, 0) + 1
         ext = sample.image_ext
         if ext is None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+from dualenc.progress import progress, sample_total
+
 # Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
 # adds the data tools' strictness); re-exported here for existing callers.
 from .shards import expand_shards, iter_tar_samples
@@ -26,7 +28,9 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes t
 def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
     """Yield the ``.txt`` captions of the given shards, in shard order, through the one shard
     reader (other members are never read); non-UTF-8 and empty ones are skipped."""
-    for sample in iter_tar_samples(expand_shards(shards), wanted=lambda name: name.endswith(".txt")):
+    paths = expand_shards(shards)
+    samples = iter_tar_samples(paths, wanted=lambda name: name.endswith(".txt"))
+    for sample in progress(samples, total=sample_total(paths), desc="tokenizer: reading captions", unit="sample"):
         caption, _ = sample.caption()
         if caption:
             yield caption

@@ -1,13 +1,16 @@
-"""Lightning callbacks: throughput logging and export at the end of fit."""
+"""Lightning callbacks: throughput logging, export at the end of fit, prediction writing, sample audit."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dualenc.export import export_model
 
@@ -70,3 +73,72 @@ class SampleKeyLogger(L.Callback):
             f.write(f"{trainer.current_epoch}\t{trainer.global_step}\t{' '.join(map(str, batch['key']))}\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``dualenc predict``'s embeddings as embedding directories (``dualenc embed``'s format).
+
+    ``<dirpath>/image`` holds the image embeddings keyed by sample key and, for shards with captions,
+    ``<dirpath>/text`` the caption embeddings keyed ``KEY#0``, so ``dualenc retrieval --images
+    DIR/image --texts DIR/text`` scores them. Under DDP each rank writes ``image-rank{R}`` /
+    ``text-rank{R}`` (ranks read disjoint shards). Every ``shard_size`` rows become one file, so
+    memory stays bounded. ``dualenc predict`` adds this writer when the config has none.
+
+    Args:
+        dirpath: output folder; default ``<trainer.default_root_dir>/predictions``.
+        shard_size: rows per output file.
+        file_format: ``npy`` or ``safetensors``.
+    """
+
+    def __init__(self, dirpath: str | None = None, shard_size: int = 10000, file_format: str = "npy") -> None:
+        super().__init__(write_interval="batch")
+        self.dirpath, self.shard_size, self.file_format = dirpath, shard_size, file_format
+        self._writers: dict[str, Any] = {}
+        self._rows: dict[str, list[Any]] = {}
+        self._ids: dict[str, list[str]] = {}
+        self._count: dict[str, int] = {}
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from dualenc.eval.store import EmbeddingWriter
+
+        root = Path(self.dirpath or Path(trainer.default_root_dir) / "predictions")
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        source = str(getattr(trainer.datamodule, "predict_spec", None))
+        model = str(trainer.ckpt_path or type(pl_module).__name__)
+        self._writers = {kind: EmbeddingWriter(root / f"{kind}{suffix}", kind, model, source, self.file_format,
+                                               params={"shard_size": self.shard_size}, overwrite=True)
+                         for kind in ("image", "text")}
+        self._rows = {k: [] for k in self._writers}
+        self._ids = {k: [] for k in self._writers}
+        self._count = {k: 0 for k in self._writers}
+        self.root = root
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        keys = [str(k) for k in prediction["key"]]
+        self._add("image", prediction["image_embeddings"], keys)
+        if "text_embeddings" in prediction:
+            self._add("text", prediction["text_embeddings"], [f"{k}#0" for k in keys])
+
+    def _add(self, kind: str, rows: Any, ids: list[str]) -> None:
+        self._rows[kind].append(rows.detach().float().cpu())
+        self._ids[kind] += ids
+        if len(self._ids[kind]) >= self.shard_size:
+            self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        if not self._ids[kind]:
+            return
+        name = f"pred-{len(self._writers[kind].manifest['shards']):05d}"
+        self._writers[kind].write(name, torch.cat(self._rows[kind]), self._ids[kind])
+        self._count[kind] += len(self._ids[kind])
+        self._rows[kind], self._ids[kind] = [], []
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for kind, writer in self._writers.items():
+            self._flush(kind)
+            if self._count[kind]:
+                writer.finish()
+                print(f"wrote {self._count[kind]} {kind} embeddings to {writer.dir}")
+            else:  # e.g. shards without captions: no empty text directory
+                shutil.rmtree(writer.dir, ignore_errors=True)

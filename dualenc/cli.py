@@ -7,13 +7,18 @@ first and the file's keys override it, so each shipped config is a short overrid
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.errors import ConfigError, UserError, message, pop_debug, run_guarded
 
 BASE_KEY = "__base__"
 
@@ -30,9 +35,9 @@ def resolve_config(path: str | Path) -> list[str]:
     while current is not None:
         current = current.resolve()
         if current in seen:
-            raise ValueError(f"config {current} is part of a {BASE_KEY} cycle")
+            raise ConfigError(f"config {current} is part of a {BASE_KEY} cycle")
         if not current.is_file():
-            raise FileNotFoundError(f"config file {str(current)!r} does not exist")
+            raise FileNotFoundError(f"config file {str(current)!r} does not exist; check --config")
         seen.add(current)
         data = yaml.safe_load(current.read_text()) or {}
         base = data.pop(BASE_KEY, None) if isinstance(data, dict) else None
@@ -61,13 +66,112 @@ def expand_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def make_cli(args: list[str], run: bool = True):
-    from lightning.pytorch.cli import LightningCLI
+def _rank_zero_process() -> bool:
+    """Whether this process is global rank 0 (DDP re-launches the command with these set)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
+
+# LightningCLI's ckpt_path also takes these names, which are not files.
+_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def default_loggers(root: str) -> list:
+    """The loggers of a config that names none: CSV (``metrics.csv``, read by ``dualenc report``) under
+    ``root/lightning_logs``, plus TensorBoard under ``root/tensorboard`` when ``tensorboard`` is installed.
+
+    Lightning's own default is one or the other depending on what is installed; this keeps the CSV
+    file (and checkpoint folder) where it always was.
+    """
+    import importlib.util
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(root)]
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        loggers.append(TensorBoardLogger(root, name="tensorboard"))
+    return loggers
+
+
+def _cli_class() -> type:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from dualenc.checkpoint import AtomicCheckpointIO, check_checkpoint
+
+    class DualencCLI(LightningCLI):
+        """LightningCLI with dualenc's run conventions: config errors as user errors, atomic
+        checkpoints, incomplete checkpoints named before loading, one fit per output folder, and
+        ``predict`` writing embeddings even when the config has no prediction writer."""
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, KeyError, MisconfigurationException) as e:
+                if isinstance(e, UserError):
+                    raise
+                # Raised while building what the config describes: the config is what needs fixing.
+                raise ConfigError(f"bad config: {message(e)}") from e
+
+        def _check_ckpt(self) -> None:
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            if ckpt and str(ckpt) not in _CKPT_NAMES:
+                check_checkpoint(ckpt)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyperparameters right after parsing (torch.load: a bare
+            # EOFError on an empty file). Not a public hook: if it goes away, _before still checks.
+            self._check_ckpt()
+            super()._parse_ckpt_path()
+
+        def _before(self) -> None:
+            self._check_ckpt()
+            if self.config[self.subcommand]["trainer"].get("logger") in (None, True):
+                self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
+            strategy = self.trainer.strategy
+            if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own is kept
+                strategy.checkpoint_io = AtomicCheckpointIO()
+
+        def before_fit(self) -> None:
+            self._before()
+            if _rank_zero_process():
+                from dualenc.runlock import RunLock
+
+                self._lock = RunLock(self.trainer.default_root_dir).acquire()
+                atexit.register(self._lock.release)
+
+        def after_fit(self) -> None:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
+
+        def before_validate(self) -> None:
+            self._before()
+
+        def before_test(self) -> None:
+            self._before()
+
+        def before_predict(self) -> None:
+            from lightning.pytorch.callbacks import BasePredictionWriter
+
+            from dualenc.callbacks import PredictionWriter
+
+            self._before()
+            if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+                self.trainer.callbacks.append(PredictionWriter())
+            kwargs = self.config_init[self.subcommand]
+            if kwargs.get("return_predictions") is None:  # the writer has them on disk: none kept in memory
+                kwargs["return_predictions"] = False
+
+    return DualencCLI
+
+
+def make_cli(args: list[str], run: bool = True):
     from dualenc.data.datamodule import WebDataModule
     from dualenc.module import DualEncoderModule
 
-    return LightningCLI(
+    return _cli_class()(
         DualEncoderModule,
         WebDataModule,
         args=expand_config_args(args or []),
@@ -79,11 +183,10 @@ def make_cli(args: list[str], run: bool = True):
 
 def cmd_export(argv: list[str]) -> int:
     """dualenc export --config CFG.yaml --ckpt_path X.ckpt --out DIR"""
-    import torch
-
+    from dualenc.checkpoint import load_checkpoint_file
     from dualenc.export import export_model
 
-    p = argparse.ArgumentParser(prog="dualenc export", description="Export a Lightning checkpoint's model "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc export", description="Export a Lightning checkpoint's model "
                                 "as safetensors + config, loadable with dualenc.export.load_model.")
     p.add_argument("--config", action="append", required=True, help="the training config(s)")
     p.add_argument("--ckpt_path", required=True)
@@ -94,7 +197,7 @@ def cmd_export(argv: list[str]) -> int:
     cli_args += ["--data.train=null", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
                  "--trainer.strategy=auto", "--trainer.logger=false", "--trainer.num_nodes=1"]
     cli = make_cli(cli_args, run=False)
-    ckpt = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(a.ckpt_path)
     cli.model.load_state_dict(ckpt["state_dict"], strict=True)
     print(f"exported model to {export_model(cli.model.model, a.out)}")
     return 0
@@ -111,21 +214,33 @@ def extra_commands() -> dict[str, Callable[[list[str]], int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     extra = extra_commands()
     if argv and argv[0] in extra:
-        return extra[argv[0]](argv[1:])
+        # Besides UserError, a ValueError from a subcommand is a bad argument (as in dualenc-data).
+        return run_guarded(f"dualenc {argv[0]}", lambda: extra[argv[0]](argv[1:]), debug, extra=(ValueError,))
     if argv and argv[0] in ("-h", "--help"):
         print("dualenc {fit,validate,test,predict} --config CFG.yaml ...  (LightningCLI)\n"
-              f"dualenc {{{','.join(extra)}}} --help")
-    # LightningCLI warns when given args while sys.argv has some too; ours are sys.argv with the
-    # __base__ chains expanded. sys.argv stays as it is: DDP relaunches the command from it.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        # Our streams yield exactly len() batches across workers (each worker is configured apart).
-        warnings.filterwarnings("ignore", message=".*IterableDataset` has `__len__` defined.*")
-        make_cli(argv)
-    return 0
+              f"dualenc {{{','.join(extra)}}} --help\n"
+              "--debug (or DUALENC_DEBUG=1): show the traceback of an error a user caused")
+
+    def run() -> int:
+        # LightningCLI warns when given args while sys.argv has some too; ours are sys.argv with the
+        # __base__ chains expanded. sys.argv stays as it is: DDP relaunches the command from it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            # Our streams yield exactly len() batches across workers (each worker is configured apart).
+            warnings.filterwarnings("ignore", message=".*IterableDataset` has `__len__` defined.*")
+            # predict's loader is ordered shards, not a sampler; the writer does not need batch indices.
+            warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+            make_cli(argv)
+        return 0
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    command = argv[0] if argv and not argv[0].startswith("-") else "fit"
+    # Lightning raises MisconfigurationException for settings that cannot work together (the user's).
+    return run_guarded(f"dualenc {command}", run, debug, extra=(MisconfigurationException,))
 
 
 if __name__ == "__main__":

@@ -202,12 +202,54 @@ class DualEncoderModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch.get("eval_sets_only"):  # the data module's marker: no test shards, eval sets only
+            return None
         return self._shared_step(batch, "test")
 
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_sets("test")
+
+    def on_validation_epoch_end(self) -> None:
+        # `dualenc validate` reports the eval sets; during fit EvalCallback runs them on its own schedule.
+        if self.trainer.state.fn == "validate":
+            self._log_eval_sets("val")
+
+    def eval_suite(self) -> Any:
+        """The eval sets of ``data.eval_sets``, else those of an ``EvalCallback`` (None if neither)."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        make = getattr(trainer.datamodule, "eval_suite", None)
+        suite = make() if callable(make) else None
+        if suite is None:
+            from dualenc.eval.callback import EvalCallback
+
+            suite = next((c.suite for c in trainer.callbacks if isinstance(c, EvalCallback) and c.suite), None)
+        return suite
+
+    def _log_eval_sets(self, stage: str) -> None:
+        suite = self.eval_suite()
+        if suite is None:
+            return
+        suite.check()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                metrics = suite.run(self.model, self.device)  # a collective; the same values on every rank
+        finally:
+            self.model.train(was_training)
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value)  # every rank has these values: no sync needed
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        out = self(batch)
-        return {"key": batch.get("key"), "image_embeddings": out.image_features, "text_embeddings": out.text_features}
+        """Normalized embeddings of the batch's images and, when it has captions, of its texts."""
+        out: dict[str, Any] = {"key": list(batch.get("key") or []),
+                               "image_embeddings": self.model.encode_image(batch["image"])}
+        if "input_ids" in batch:
+            out["text_embeddings"] = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        return out
 
     def on_train_epoch_start(self) -> None:
         self._skipped["train"] = {}

@@ -28,6 +28,7 @@ from dualenc.plugins.maps import EmbeddingMap, Modality
 from dualenc.plugins.procrustes import OrthogonalMap, _model_id, modality_means
 from dualenc.plugins.registry import PLUGINS
 from dualenc.plugins.unpaired import pca_init
+from dualenc.progress import progress
 
 
 class _CentredMap(EmbeddingMap):
@@ -181,7 +182,7 @@ def fit_mlp(
         net = _mlp(x.shape[1], y.shape[1], hidden)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in progress(range(steps), desc="MLP fit", unit="step"):
             loss = (net(xc) - yc).pow(2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

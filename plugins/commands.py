@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.errors import ConfigError, UserError, debug_wanted, message
+
 
 def _json_arg(text: str | None, what: str) -> dict[str, Any]:
     if not text:
@@ -27,9 +30,9 @@ def _json_arg(text: str | None, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{what} must be a JSON object, e.g. '{{\"k\": 8}}': {e}") from None
+        raise ConfigError(f"{what} must be a JSON object, e.g. '{{\"k\": 8}}': {e}") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise ConfigError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -54,14 +57,18 @@ def embed_shards(target: Any, shards: str, caption_key: str | None, batch_size: 
                  device: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Image (and, with ``caption_key``, caption) embeddings of every sample of ``shards``, and the keys."""
     from dualenc.data.datamodule import eval_loader
+    from dualenc.progress import progress, sample_total
 
     imgs, txts, keys = [], [], []
     loader = eval_loader(shards, target.data_config(), batch_size, workers, label_key=None, caption_key=caption_key)
+    bar = progress(total=sample_total(shards), desc=f"embedding {shards} with {target.name}", unit="image")
     for batch in loader:
+        bar.update(len(batch["key"]))
         imgs.append(target.encode_image(batch["image"].to(device)).cpu())
         if caption_key:
             txts.append(target.encode_text(batch["text"]).cpu())
         keys += list(batch["key"])
+    bar.close()
     if not imgs:
         raise ValueError(f"no samples read from {shards}")
     arrays = {"image": torch.cat(imgs)}
@@ -89,8 +96,11 @@ def cmd_embed(a: argparse.Namespace) -> int:
         lines = [ln.strip() for ln in Path(a.texts).read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             return _fail(f"{a.texts} has no texts")
+        from dualenc.progress import progress
+
         arrays["text"] = torch.cat([target.encode_text(lines[i:i + a.batch_size]).cpu()
-                                    for i in range(0, len(lines), a.batch_size)])
+                                    for i in progress(range(0, len(lines), a.batch_size), desc=f"embedding {a.texts}",
+                                                      unit="batch")])
         if keys is None:
             keys = [f"{i:08d}" for i in range(len(lines))]
         elif len(lines) != len(keys):
@@ -207,13 +217,13 @@ def _embed_exports(a: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dualenc align", description="Move embeddings between models: fit, apply "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc align", description="Move embeddings between models: fit, apply "
                                 "and evaluate maps (Procrustes, whitening, MNN-Procrustes, vec2vec).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("list", help="list map methods and target kinds")
+    s = sub.add_parser("list", formatter_class=DefaultsHelpFormatter, help="list map methods and target kinds")
     s.set_defaults(fn=cmd_list)
 
-    s = sub.add_parser("embed", help="embed texts and/or image shards with a target model")
+    s = sub.add_parser("embed", formatter_class=DefaultsHelpFormatter, help="embed texts and/or image shards with a target model")
     s.add_argument("--target", required=True, help="target kind: dualenc, open_clip, hf_clip, ...")
     s.add_argument("--target-args", help="JSON object of the target's arguments")
     s.add_argument("--texts", help="a text file, one text per line")
@@ -225,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors")
     s.set_defaults(fn=cmd_embed)
 
-    s = sub.add_parser("fit", help="fit a map from embedding files")
+    s = sub.add_parser("fit", formatter_class=DefaultsHelpFormatter, help="fit a map from embedding files")
     s.add_argument("--method", required=True, help="procrustes, whitening, mnn_procrustes, vec2vec, ...")
     s.add_argument("--source", required=True, help="source embeddings (paired rows with --target for procrustes)")
     s.add_argument("--target", help="target embeddings (none for whitening)")
@@ -236,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output map .safetensors")
     s.set_defaults(fn=cmd_fit)
 
-    s = sub.add_parser("apply", help="map embeddings with a fitted map")
+    s = sub.add_parser("apply", formatter_class=DefaultsHelpFormatter, help="map embeddings with a fitted map")
     s.add_argument("--map", required=True)
     s.add_argument("--input", required=True, help="embeddings of the map's source model")
     s.add_argument("--model", help="input model name when the file does not record it")
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".safetensors (keeps keys) or .npy")
     s.set_defaults(fn=cmd_apply)
 
-    s = sub.add_parser("eval", help="cross-model metrics and the backward-compatibility criterion of a map, on "
+    s = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="cross-model metrics and the backward-compatibility criterion of a map, on "
                        "paired embeddings of both models (or shards embedded by two exports)")
     s.add_argument("--map", required=True)
     s.add_argument("--source", required=True, help="the map's source (the new model): an embeddings file, or with "
@@ -273,8 +283,10 @@ def cmd_align(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (MapMismatchError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        return _fail(str(e).strip("'\""))
+    except (UserError, MapMismatchError, ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        if debug_wanted():  # --debug / DUALENC_DEBUG=1
+            raise
+        return _fail(message(e))
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"align": cmd_align}

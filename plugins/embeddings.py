@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dualenc.fileio import shared_file_mode
 from dualenc.plugins.mapfile import ModelId, read_safetensors, write_safetensors
 
 EMB_FORMAT = "dualenc-embeddings/1"
@@ -110,6 +111,7 @@ def save_npy_atomic(path: str | Path, x: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, x, allow_pickle=False)
+        os.chmod(tmp, shared_file_mode())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -43,7 +43,8 @@ class LearnedQ(nn.Module):
         target: a target kind (``dualenc``, ``open_clip``, ``hf_clip``, ``precomputed``, or a third
             party's) or a ``Target`` instance.
         target_args: constructor arguments of that kind (e.g. ``{path: ...}``).
-        embed_dim: this model's embedding size (default: the target's).
+        embed_dim: this model's embedding size (default: read from the model it trains with, in
+            ``bind_model``; the target's until then).
         image_weight / text_weight: weights of the feature-alignment terms (0 disables).
         kernel_weight: weight of the image-text kernel agreement term (0 disables).
         center: centre each side with its batch means (the global shift between models is free).
@@ -100,10 +101,18 @@ class LearnedQ(nn.Module):
         self.center, self.train_towers = center, train_towers
         self.image_mean, self.image_std = image_mean, image_std
         self.mean_momentum = mean_momentum
-        self.source_dim = int(embed_dim or t.embed_dim)
         self.target_dim = int(t.embed_dim)
         self.target_id = t.identity()
-        self.init = init
+        self.init, self.seed = init, seed
+        self._dim_given = embed_dim is not None
+        self._build(int(embed_dim or t.embed_dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._fresh: bool | None = None  # no training step yet (read from `steps` once: no per-step sync)
+
+    def _build(self, source_dim: int) -> None:
+        """``Q`` (target_dim x source_dim) at its start, and the running means of both sides."""
+        self.source_dim = source_dim
+        init, seed = self.init, self.seed
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):  # the parametrization draws random numbers: keep the global RNG intact
             torch.manual_seed(seed)
@@ -119,8 +128,6 @@ class LearnedQ(nn.Module):
         for m in ("image", "text"):
             self.register_buffer(f"{m}_source_mean", torch.zeros(self.source_dim))
             self.register_buffer(f"{m}_target_mean", torch.zeros(self.target_dim))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._fresh: bool | None = None  # no training step yet (read from `steps` once: no per-step sync)
 
     def _q_from_file(self, path: str) -> torch.Tensor:
         from dualenc.plugins.maps import load_map
@@ -192,6 +199,8 @@ class LearnedQ(nn.Module):
         """Take what this plugin can learn from the model it trains with: the images' normalization
         (so the target gets correctly normalized pixels) and a check of the embedding size."""
         dim = getattr(model, "embed_dim", None)
+        if dim is not None and int(dim) != self.source_dim and not self._dim_given:
+            self._build(int(dim))  # embed_dim was not given: size Q for the model, not the target
         if dim is not None and int(dim) != self.source_dim:
             raise ValueError(f"LearnedQ was built for {self.source_dim}-dim embeddings (embed_dim) but the model's "
                              f"embed_dim is {dim}")

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dualenc.fileio import shared_file_mode
+
 MAP_FORMAT = "dualenc-map/1"
 
 
@@ -125,6 +127,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, shared_file_mode())  # mkstemp makes 0600; maps are shared like any output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from dualenc.plugins.checks import as_matrix
 from dualenc.plugins.mapfile import MapMeta
 from dualenc.plugins.maps import EmbeddingMap, Modality
 from dualenc.plugins.procrustes import _model_id
+from dualenc.progress import progress
 
 
 class ResidualBlock(nn.Module):
@@ -175,7 +176,7 @@ def train_vec2vec(
                              betas=(0.5, 0.999))
     bs = min(batch_size, len(xa), len(xb))
     log: list[dict[str, float]] = []
-    for step in range(steps):
+    for step in progress(range(steps), desc="vec2vec fit", unit="step"):
         ba = xa[torch.randint(len(xa), (bs,), generator=g)]
         bb = xb[torch.randint(len(xb), (bs,), generator=g)]
         za, zb = net.latent(ba, "a"), net.latent(bb, "b")

@@ -47,7 +47,7 @@ def tiny_config(tmp: Path, tokenizer: str, shard: Path) -> Path:
                             "text_tower": {"init_args": {"config": dict(TINY_BERT), "tokenizer": tokenizer,
                                                          "context_length": 16}},
                             "embed_dim": 16}},
-        "data": {"train": str(shard), "val": None},
+        "data": {"train": str(shard), "val": None, "eval_sets": None},
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -215,3 +215,36 @@ def test_pickle_and_deepcopy_keep_q():
         assert clone.steps == plugin.steps
     with pytest.raises(RuntimeError, match="without its target"):
         pickle.loads(pickle.dumps(plugin)).target
+
+
+def test_learned_q_reads_embed_dim_from_the_model_with_an_open_clip_target(tmp_path, tiny_model, tiny_batch,
+                                                                           single_thread):
+    """Without embed_dim, Q is sized by the model it trains with (before: the target's size, and a failure)."""
+    pytest.importorskip("open_clip")
+    import json
+
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    from dualenc.module import DualEncoderModule
+
+    cfg = {"embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    ckpt = tmp_path / "oc.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(ckpt))
+    (tmp_path / "oc.json").write_text(json.dumps(cfg))
+    plugin = LearnedQ("open_clip", {"checkpoint": str(ckpt), "model_config": str(tmp_path / "oc.json")})
+    assert tiny_model.embed_dim != 12
+    module = DualEncoderModule(tiny_model, plugins=[plugin])  # binds the model
+    assert plugin.q.shape == (12, tiny_model.embed_dim)
+    assert plugin.image_source_mean.shape == (tiny_model.embed_dim,)
+    torch.testing.assert_close(plugin.q @ plugin.q.T, torch.eye(12), atol=1e-5, rtol=0)
+    batch = dict(tiny_batch, text=["a photo of a dog", "a red square", "two cats on a sofa", "a blue circle"])
+    losses = plugin.training_losses(batch, module(batch))
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="model's embed_dim is"):  # a given embed_dim is still checked
+        DualEncoderModule(tiny_model, plugins=[LearnedQ("open_clip", {"checkpoint": str(ckpt),
+                                                                     "model_config": str(tmp_path / "oc.json")},
+                                                        embed_dim=12)])

@@ -44,7 +44,8 @@ def tiny_config(tmp: Path, data: Path, **trainer) -> Path:
                                                          "context_length": 16}},
                             "embed_dim": 16},
                   "scheduler": {"warmup_steps": 2, "total_steps": 8}},
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "batch_size": 32, "num_workers": 1},
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "batch_size": 32, "num_workers": 1,
+                 "eval_sets": None},  # demo.yaml's held-out set is relative to the working directory
     }
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

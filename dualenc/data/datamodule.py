@@ -13,10 +13,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
+from dualenc.data.evalsets import EvalSets, as_eval_sets
 from dualenc.data.sources import expand_urls, shard_counts
 from dualenc.data.stream import ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
+from dualenc.errors import ConfigError
 
 
 @dataclass
@@ -167,6 +169,12 @@ class WebDataModule(L.LightningDataModule):
             than ``bicubic``; a pretrained tower was trained with its own).
         max_pixels: larger images are skipped (decompression bombs).
         seed: shuffling seed.
+        test / test_samples: shards (and their sample count) whose contrastive loss ``dualenc test``
+            reports as ``test/loss``, beside the eval sets.
+        predict: shards ``dualenc predict`` embeds (images, and captions when present), in order.
+        eval_sets: zero-shot and retrieval sets (``{zeroshot: [{name, data, ...}], retrieval: [...]}``):
+            run by ``EvalCallback`` during fit and reported by ``dualenc validate`` and ``dualenc test``.
+            Their paths are checked when the config is loaded.
     """
 
     def __init__(
@@ -190,6 +198,10 @@ class WebDataModule(L.LightningDataModule):
         jpeg_draft: bool = True,
         draft_crop_scale: float | None = None,
         interpolation: str | None = None,
+        test: str | None = None,
+        test_samples: int | None = None,
+        predict: str | None = None,
+        eval_sets: EvalSets | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -210,6 +222,13 @@ class WebDataModule(L.LightningDataModule):
                                                                      for s in (train or [])]
         self.train_sources = [_source(s.shards, s.weight) for s in specs]
         self.val_sources = [_source(val)] if val else []
+        self.test_sources = [_source(test)] if test else []
+        self.test_samples, self.predict_spec = test_samples, predict
+        if predict:
+            expand_urls(predict)
+        self.eval_sets = as_eval_sets(eval_sets)
+        if self.eval_sets:
+            self.eval_sets.check_paths()
         self._resume: dict[str, Any] | None = None  # from a checkpoint of an older version
         self._train_loader: StreamLoader | None = None
         self._val_loader: StreamLoader | None = None
@@ -243,14 +262,16 @@ class WebDataModule(L.LightningDataModule):
             counts = [c for s in sources for c in (s.counts or [None])]
             samples = None if None in counts else sum(counts)  # type: ignore[arg-type]
         if samples is None:
-            raise ValueError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
-                             f"data.{'epoch_samples' if train else 'val_samples'}")
+            raise ConfigError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
+                              f"--data.{'epoch_samples' if train else name + '_samples'} (or run dualenc-data stats "
+                              "on them, which writes sizes.json)")
         # Every worker of every rank yields exactly this many full batches (cycling its shards if
         # needed), so all ranks take the same number of steps and DDP never waits on a finished rank.
         per_worker = samples // (self.batch_size * world * workers)
         if per_worker == 0:
-            raise ValueError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
-                             f"worker on {world} rank(s) x {workers} worker(s); lower batch_size or num_workers")
+            raise ConfigError(f"{name}: {samples} samples are fewer than one batch of {self.batch_size} per "
+                              f"worker on {world} rank(s) x {workers} worker(s); lower --data.batch_size or "
+                              "--data.num_workers")
         decoder, transform = self.preprocessing(train)
         stream = ShardStream(
             sources, decoder, decoder.wanted, decoder.skipped, transform,
@@ -280,7 +301,7 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StreamLoader:
         if not self.train_sources:
-            raise ValueError("no training shards: set data.train")
+            raise ConfigError("no training shards: set --data.train")
         loader = self._loader(self.train_sources, True, self.epoch_samples, "train")
         state, self._resume = self._resume, None
         loader.resume = loader.resume_state(state)  # Lightning's loader state, if any, comes after this
@@ -293,7 +314,41 @@ class WebDataModule(L.LightningDataModule):
         self._val_loader = self._loader(self.val_sources, False, self.val_samples, "val")
         return self._val_loader
 
-    # -- exact resume and skip counts -------------------------------------------------------------
+    def test_dataloader(self) -> StreamLoader | DataLoader:
+        if self.test_sources:
+            return self._loader(self.test_sources, False, self.test_samples, "test")
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if getattr(module, "eval_suite", lambda: None)() is None:
+            raise ConfigError("nothing to test: set --data.eval_sets (zero-shot / retrieval sets) and/or "
+                              "--data.test (shards whose loss is reported)")
+        # Lightning runs the test hooks only with at least one batch; without test shards the eval sets
+        # (read by the suite in DualEncoderModule.on_test_epoch_end) are the whole test, so one empty
+        # marker batch per rank lets the loop reach that hook.
+        return DataLoader([{"eval_sets_only": True}], batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.predict_spec:
+            raise ConfigError("nothing to predict: set --data.predict to the shards to embed")
+        rank, world = self._world()
+        urls = expand_urls(self.predict_spec)[rank::world]  # whole shards per rank, each in order
+        if not urls:
+            raise ConfigError(f"data.predict has {len(expand_urls(self.predict_spec))} shard(s) for {world} ranks; "
+                              "give at least one shard per rank")
+        if self.data_config is None:
+            raise RuntimeError("call set_preprocessing(...) or run under a Trainer first")
+        return eval_loader(urls, self.data_config, self.batch_size, self.num_workers, label_key=None,
+                           caption_key=self.decoder_args["caption_key"], tokenize=self.tokenize)
+
+    def eval_suite(self) -> Any:
+        """The ``EvalSuite`` of ``eval_sets`` (None without sets)."""
+        if not self.eval_sets:
+            return None
+        from dualenc.eval.suite import EvalSuite  # lazy: dualenc.eval imports this module
+
+        zeroshot, retrieval = self.eval_sets.set_kwargs()
+        return EvalSuite(zeroshot, retrieval, self.eval_sets.batch_size, self.eval_sets.num_workers)
+
+    # -- exact resume and skip counts --------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
         if isinstance(batch, dict) and "stream" in batch and trainer is not None:

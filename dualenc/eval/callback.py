@@ -20,6 +20,11 @@ class EvalCallback(L.Callback):
     ``eval/heldout/top1``) at ``step=trainer.global_step``, and put into ``trainer.callback_metrics``
     on every rank with the same values, so they can be monitored (checkpointing, early stopping).
 
+    The sets are normally configured as data (``data.eval_sets``, see ``dualenc.data.evalsets``), so
+    a config overrides them without restating ``trainer.callbacks``; the callback then takes them from
+    the data module when fit starts. Sets given to the callback itself take precedence. Without sets
+    anywhere the callback does nothing.
+
     Args:
         zeroshot: dicts ``{name, data, classnames?, templates?, format?}`` (see ``ZeroShotSet``).
         retrieval: dicts ``{name, data, caption_key?, ks?, ties?}`` (see ``RetrievalSet``).
@@ -36,14 +41,13 @@ class EvalCallback(L.Callback):
                  num_workers: int = 2, prefix: str = "eval", results_dir: str | None = None,
                  image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK,
                  verbose: bool = True) -> None:
-        if not zeroshot and not retrieval:
-            raise ValueError("EvalCallback needs at least one zeroshot or retrieval set")
         for what, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if n is not None and n < 1:
                 raise ValueError(f"{what} must be >= 1 or None, got {n}")
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("set every_n_epochs and/or every_n_steps, or the callback never runs")
-        self.suite = EvalSuite(zeroshot, retrieval, batch_size, num_workers, image_chunk, text_chunk)
+        self.suite: EvalSuite | None = (EvalSuite(zeroshot, retrieval, batch_size, num_workers, image_chunk, text_chunk)
+                                        if zeroshot or retrieval else None)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.prefix = prefix
         self.results_dir = results_dir
@@ -54,7 +58,11 @@ class EvalCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Sets are read here, not in __init__, so a config may name eval data that does not exist yet
         # when it is parsed; a missing or bad set still stops fit before the first step.
-        self.suite.check()
+        if self.suite is None:
+            make = getattr(trainer.datamodule, "eval_suite", None)
+            self.suite = make() if callable(make) else None
+        if self.suite is not None:
+            self.suite.check()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -68,7 +76,7 @@ class EvalCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run every set now and log the metrics (all ranks must call this together); returns them as logged."""
         # Gradient accumulation repeats a global step over several batches; evaluate it once.
-        if trainer.sanity_checking or trainer.global_step == self._last_step:
+        if self.suite is None or trainer.sanity_checking or trainer.global_step == self._last_step:
             return self.last_metrics
         self._last_step = trainer.global_step
         model = getattr(pl_module, "model", pl_module)

@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import torch
 
+from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.progress import sample_total
+
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +57,7 @@ def cmd_zeroshot(argv: list[str]) -> int:
     from dualenc.eval.suite import data_folder, resolve_prompts
     from dualenc.eval.zeroshot import build_classifier, zeroshot_metrics
 
-    p = argparse.ArgumentParser(prog="dualenc zeroshot", description="Zero-shot classification of labelled images: "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc zeroshot", description="Zero-shot classification of labelled images: "
                                 "shards in CLIP_benchmark's layout (.jpg + .cls, classnames.txt and "
                                 "zeroshot_classification_templates.txt beside them; e.g. the demo's heldout/), "
                                 "or an image folder (one subfolder per class).")
@@ -76,7 +79,8 @@ def cmd_zeroshot(argv: list[str]) -> int:
     text_model = cross.text_model if cross else model
     name = a.name or data_folder(a.data).name
     batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=True, fmt=a.format)
-    enc = encode_images(model, batches, device, labels=True, name=f"evaluation set {a.data}")
+    enc = encode_images(model, batches, device, labels=True, name=f"evaluation set {a.data}", show_progress=True,
+                        total=sample_total(a.data))
     img = cross.image(enc.embeddings) if cross else enc.embeddings
     classifier = build_classifier(text_model, text_model.text_tower.tokenizer_fn(), names, templates,
                                   device).float().cpu()
@@ -125,7 +129,7 @@ def cmd_retrieval(argv: list[str]) -> int:
                                         retrieval_ranks)
     from dualenc.eval.suite import CURVE_KS, data_folder
 
-    p = argparse.ArgumentParser(prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
                                 "median rank. Images own every caption line of their caption member "
                                 "(CLIP_benchmark's layout); ranks are exact, computed in bounded memory.")
     p.add_argument("--model", help="a dualenc export directory (with --data)")
@@ -158,12 +162,14 @@ def cmd_retrieval(argv: list[str]) -> int:
         text_model = cross.text_model if cross else model
         batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=False,
                                captions=True, caption_key=a.caption_key)
-        enc = encode_images(model, batches, device, captions=True, name=f"evaluation set {a.data}")
+        enc = encode_images(model, batches, device, captions=True, name=f"evaluation set {a.data}",
+                            show_progress=True, total=sample_total(a.data))
         texts, owner = flatten_captions(enc.captions or [])
         if not texts:
             raise ValueError(f"{a.data}: no caption found in the .{a.caption_key} members; retrieval needs captions")
         img, image_ids = enc.embeddings, enc.keys
-        txt = encode_texts(text_model, text_model.text_tower.tokenizer_fn(), texts, device, a.batch_size)
+        txt = encode_texts(text_model, text_model.text_tower.tokenizer_fn(), texts, device, a.batch_size,
+                           show_progress=True)
         if cross:
             img, txt = cross.image(img), cross.text(txt)
         model_name, name = cross.name if cross else str(a.model), a.name or data_folder(a.data).name
@@ -223,7 +229,7 @@ def cmd_embed(argv: list[str]) -> int:
     from dualenc.eval.embed import SOURCES, embed_to_dir
     from dualenc.eval.store import FILE_FORMATS
 
-    p = argparse.ArgumentParser(prog="dualenc embed", description="Embed images or texts into a directory of "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc embed", description="Embed images or texts into a directory of "
                                 "sharded vectors with ids and a manifest.json (for an index, `dualenc compose` or "
                                 "`dualenc retrieval --images/--texts`). Rerunning resumes: finished shards are "
                                 "skipped.")
@@ -258,7 +264,7 @@ def cmd_compose(argv: list[str]) -> int:
     from dualenc.eval.report import write_results
     from dualenc.eval.store import load_embeddings
 
-    p = argparse.ArgumentParser(prog="dualenc compose", description="Composed image+text query (ALIGN): "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc compose", description="Composed image+text query (ALIGN): "
                                 "normalize(image + w1*text1 + w2*text2 ...), nearest images of an embedded gallery. "
                                 "A negative weight subtracts a concept.")
     p.add_argument("--model", required=True, help="the dualenc export that embedded the gallery")
@@ -301,26 +307,33 @@ def cmd_compose(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    """dualenc report [--results R.json ...] [--metrics-csv metrics.csv] --out DIR"""
+    """dualenc report [--results R.json ...] [--metrics-csv metrics.csv | --tensorboard DIR] --out DIR"""
     from dualenc.eval.plots import plot_temperature
     from dualenc.eval.report import plot_record, read_csv_metric, read_results, summary_table
 
-    p = argparse.ArgumentParser(prog="dualenc report", description="Plots and a summary from results JSON files "
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc report", description="Plots and a summary from results JSON files "
                                 "(dualenc zeroshot/retrieval --json, EvalCallback results_dir) and the temperature "
-                                "curve from Lightning's CSVLogger metrics.csv.")
+                                "curve from Lightning's CSVLogger metrics.csv or TensorBoardLogger event files.")
     p.add_argument("--results", nargs="+", default=[], help="results JSON files")
     p.add_argument("--metrics-csv", help="CSVLogger metrics.csv of a training run")
-    p.add_argument("--column", default="train/temperature", help="column of --metrics-csv to plot")
+    p.add_argument("--tensorboard", help="TensorBoard event file, or a folder searched for them (a run's log dir)")
+    p.add_argument("--column", default="train/temperature", help="column of --metrics-csv (scalar tag of "
+                   "--tensorboard) to plot")
     p.add_argument("--out", required=True, help="directory for the PNG plots")
     a = p.parse_args(argv)
-    if not a.results and not a.metrics_csv:
-        p.error("give --results and/or --metrics-csv")
+    if not a.results and not a.metrics_csv and not a.tensorboard:
+        p.error("give --results and/or --metrics-csv or --tensorboard")
     made: list[Path] = []
     records = [r for f in a.results for r in read_results(f)]
     for r in records:
         made += plot_record(r, a.out)
-    if a.metrics_csv:
-        steps, values = read_csv_metric(a.metrics_csv, a.column)
+    if a.metrics_csv or a.tensorboard:
+        if a.metrics_csv:
+            steps, values = read_csv_metric(a.metrics_csv, a.column)
+        else:
+            from dualenc.eval.tbevents import read_tensorboard_metric
+
+            steps, values = read_tensorboard_metric(a.tensorboard, a.column)
         made.append(plot_temperature(steps, values, Path(a.out) / f"{a.column.replace('/', '_')}.png",
                                      title=f"{a.column} over training"))
     if records:

@@ -20,6 +20,7 @@ from dualenc.eval.encode import encode_texts, is_image_folder, split_captions
 from dualenc.eval.imagefolder import image_folder_loader, list_images
 from dualenc.eval.store import EmbeddingWriter
 from dualenc.model import DualEncoder
+from dualenc.progress import progress
 
 SOURCES = ("auto", "shards", "folder", "textfile")
 
@@ -75,8 +76,9 @@ def embed_to_dir(model: DualEncoder, src: str, out_dir: str | Path, kind: str, m
     todo = [u for u in units if not writer.done(u[0])]
     if len(todo) < len(units):
         log(f"skipping {len(units) - len(todo)} finished shard(s) in {out_dir}")
+    bar = progress(total=len(todo), desc=f"embed {kind}s", unit="shard")
     if stype == "shards" and kind == "image":
-        _embed_image_shards(model, todo, writer, batch_size, num_workers, device, log)
+        _embed_image_shards(model, todo, writer, batch_size, num_workers, device, log, bar)
     elif stype == "folder":
         for name, files in todo:
             loader = image_folder_loader(src, model.image_tower.data_config, batch_size, num_workers,
@@ -88,6 +90,7 @@ def embed_to_dir(model: DualEncoder, src: str, out_dir: str | Path, kind: str, m
                     embs.append(model.encode_image(batch["image"].to(device)).float().cpu())
                     ids += batch["key"]
             _write(writer, name, embs, ids, model, {"skipped": {"unreadable_image": len(bad)}} if bad else {}, log)
+            bar.update(1)
     else:
         tokenize = model.text_tower.tokenizer_fn()
         for name, part in todo:
@@ -99,6 +102,8 @@ def embed_to_dir(model: DualEncoder, src: str, out_dir: str | Path, kind: str, m
                 texts, ids = part
             embs = [encode_texts(model, tokenize, texts, device, batch_size)] if texts else []
             _write(writer, name, embs, ids, model, info, log)
+            bar.update(1)
+    bar.close()
     manifest = writer.finish()
     if manifest["count"] == 0:
         raise ValueError(f"nothing was embedded from {src}: every sample was skipped or empty")
@@ -147,7 +152,8 @@ def _captions(url: str, caption_key: str) -> tuple[list[str], list[str], dict[st
 
 
 def _embed_image_shards(model: DualEncoder, todo: list[tuple[str, str]], writer: EmbeddingWriter, batch_size: int,
-                        num_workers: int, device: torch.device | str, log: Callable[[str], None]) -> None:
+                        num_workers: int, device: torch.device | str, log: Callable[[str], None],
+                        bar: Any = None) -> None:
     # One loader per group of as many shards as workers: webdataset hands worker i exactly shard i,
     # and batches never mix workers, so a batch's worker id says which output shard it belongs to.
     for group in _groups(todo, max(1, num_workers)):
@@ -164,6 +170,8 @@ def _embed_image_shards(model: DualEncoder, todo: list[tuple[str, str]], writer:
         for i, (name, url) in enumerate(group):
             info = {"source": url, **({"skipped": skipped[i]} if skipped.get(i) else {})}
             _write(writer, name, embs[i], ids[i], model, info, log)
+        if bar is not None:
+            bar.update(len(group))
 
 
 def _write(writer: EmbeddingWriter, name: str, embs: list[torch.Tensor], ids: list[str], model: DualEncoder,

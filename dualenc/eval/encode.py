@@ -15,6 +15,7 @@ from dualenc.data.datamodule import eval_loader
 from dualenc.data.sources import expand_urls
 from dualenc.eval.imagefolder import image_folder_loader
 from dualenc.model import DualEncoder
+from dualenc.progress import progress
 
 FORMATS = ("auto", "wds", "folder")
 
@@ -64,15 +65,20 @@ class EncodedImages:
 @torch.no_grad()
 def encode_images(model: DualEncoder, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
                   labels: bool = False, captions: bool = False, name: str = "evaluation set",
-                  allow_empty: bool = False) -> EncodedImages:
-    """Embed every image of ``batches``; keeps keys, and labels / split captions if asked."""
+                  allow_empty: bool = False, show_progress: bool = False,
+                  total: int | None = None) -> EncodedImages:
+    """Embed every image of ``batches``; keeps keys, and labels / split captions if asked.
+
+    ``show_progress``: a bar (``dualenc.progress``) counting images, out of ``total`` if known."""
     embs: list[Tensor] = []
     keys: list[str] = []
     labs: list[Tensor] = []
     caps: list[list[str]] = []
     worker_skips: dict[int, dict[str, int]] = {}
     bad_files: list[str] = []
+    bar = progress(total=total, desc=f"embedding {name}", unit="image", disable=not show_progress or None)
     for batch in batches:
+        bar.update(len(batch.get("key") or []) + len(batch.get("skipped_keys", [])))
         bad_files += batch.get("skipped_keys", [])
         worker_skips[batch.get("worker", 0)] = batch.get("skipped", {})  # cumulative per worker
         if "image" not in batch:
@@ -83,6 +89,7 @@ def encode_images(model: DualEncoder, batches: Iterable[dict[str, Any]], device:
             labs.append(batch["label"].long().cpu())
         if captions:
             caps += [split_captions(t) for t in batch["text"]]
+    bar.close()
     skipped = Counter()
     for counts in worker_skips.values():
         skipped.update(counts)
@@ -106,10 +113,11 @@ def encode_images(model: DualEncoder, batches: Iterable[dict[str, Any]], device:
 
 @torch.no_grad()
 def encode_texts(model: DualEncoder, tokenize: Callable[[list[str]], dict[str, Tensor]], texts: list[str],
-                 device: torch.device | str = "cpu", batch_size: int = 256) -> Tensor:
+                 device: torch.device | str = "cpu", batch_size: int = 256, show_progress: bool = False) -> Tensor:
     """(M, D) float32 normalized text embeddings on CPU."""
     out = [torch.empty(0, int(model.embed_dim))]
-    for i in range(0, len(texts), batch_size):
+    steps = range(0, len(texts), batch_size)
+    for i in progress(steps, desc="embedding texts", unit="batch", disable=not show_progress or None):
         enc = tokenize(texts[i : i + batch_size])
         out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
     return torch.cat(out)
