@@ -2,7 +2,8 @@
 
 ``dualenc zeroshot/retrieval --model`` takes a dualenc export directory, an HF CLIP-style directory, or
 an open_clip checkpoint (with ``--model-config``); the kind is read from the files or given with
-``--model-kind`` (any name of ``dualenc.plugins.registry.TARGETS``). Non-dualenc models are wrapped in
+``--model-kind`` (any name of ``dualenc.plugins.registry.TARGETS``); an open_clip ``local-dir`` model
+directory (``open_clip_config.json`` + weights, as ``dualenc export --format open_clip`` writes) works too. Non-dualenc models are wrapped in
 :class:`TargetModel`, which offers the small part of ``DualEncoder`` the evaluation code uses:
 ``encode_image``, ``encode_text``, ``embed_dim``, ``image_tower.data_config`` and
 ``text_tower.tokenizer_fn()``.
@@ -74,6 +75,8 @@ def detect_kind(path: str, model_config: str | None = None) -> str:
             raise UserError(f"{path} is a weights file; for an open_clip checkpoint give its config too: "
                             "--model-config open_clip_config.json (or a built-in open_clip name like ViT-B-32)")
         return "open_clip"
+    if (p / "open_clip_config.json").is_file():  # an open_clip local-dir model (e.g. dualenc export --format open_clip)
+        return "open_clip"
     cfg = p / "config.json"
     if not cfg.is_file():
         raise UserError(f"--model {path!r} is neither a dualenc export, an HF model directory (config.json) nor "
@@ -101,11 +104,18 @@ def load_eval_model(path: str, kind: str = "auto", model_config: str | None = No
         from dualenc.export import load_model
 
         return load_model(path).to(device)
-    if kind == "open_clip":
+    if kind == "open_clip" and Path(path).is_dir():
+        weights = sorted(Path(path).glob("open_clip_*.safetensors")) + sorted(Path(path).glob("open_clip_*.bin"))
+        if not weights or not (Path(path) / "open_clip_config.json").is_file():
+            raise UserError(f"{path} is no open_clip model directory: it needs open_clip_config.json and "
+                            "open_clip_model.safetensors (or open_clip_pytorch_model.bin)")
+        kwargs: dict[str, Any] = {"checkpoint": str(weights[0]),
+                                  "model_config": model_config or str(Path(path) / "open_clip_config.json")}
+    elif kind == "open_clip":
         if model_config is None:
             raise UserError("an open_clip checkpoint needs --model-config (its open_clip_config.json or a built-in "
                             "architecture name)")
-        kwargs: dict[str, Any] = {"checkpoint": path, "model_config": model_config}
+        kwargs = {"checkpoint": path, "model_config": model_config}
     else:  # hf_clip and third-party kinds take the model's path
         kwargs = {"path": path}
     if kind not in TARGETS:
