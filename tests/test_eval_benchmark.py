@@ -223,3 +223,17 @@ def test_retrieval_cli_on_benchmark_root_matches_clip_benchmark(setup, tmp_path:
     txt = encode_texts(model, model.text_tower.tokenizer_fn(), texts)
     ref = _clip_benchmark_retrieval(enc.embeddings, txt, enc.captions, (1, 5))
     assert {k: rec["metrics"][k] for k in ref} == pytest.approx(ref, abs=1e-6)  # its means are float32
+
+
+def test_eval_suite_reads_benchmark_roots(setup) -> None:
+    """The training callback's sets take a CLIP_benchmark root and a split, like the CLI."""
+    from dualenc.eval.suite import EvalSuite
+
+    root, export, _, _ = setup
+    suite = EvalSuite([{"name": "c", "data": str(root / "wds_colors"), "split": "train"}],
+                      [{"name": "r", "data": str(root / "wds_caps"), "ks": [1]}], batch_size=4, num_workers=0)
+    suite.check()
+    out = suite.run(load_model(export))
+    assert set(out) >= {"c/top1", "r/image_retrieval_recall@1"}
+    zs, rt = suite.records
+    assert zs["metrics"]["samples"] == 8 and rt["details"]["ties"] == "clip_benchmark"

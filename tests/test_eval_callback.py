@@ -52,7 +52,8 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
         suite = EvalSuite(zs, rt, batch_size=3, num_workers=0)
         result = {"metrics": suite.run(tiny_model()), "records": suite.records}
         try:  # an empty set must fail on every rank, with its name, instead of hanging
-            EvalSuite([{"name": "bad", "data": str(Path(root) / "bad")}], num_workers=0).run(tiny_model())
+            bad = {"name": "bad", "data": str(Path(root) / "bad"), "templates": "imagenet"}
+            EvalSuite([bad], num_workers=0).run(tiny_model())
         except (ValueError, RuntimeError) as e:  # rank 0 has the reason; the others are told it failed there
             result["error"] = f"{type(e).__name__}: {e}"
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))

@@ -196,8 +196,8 @@ def cmd_retrieval(argv: list[str]) -> int:
         model_name, name = cross.name if cross else str(a.model), a.name or data_folder(a.data).name
     metrics, details = retrieval_report(img, txt, owner, a.ks, a.ties, a.image_chunk, a.text_chunk, device, CURVE_KS)
     extra = {"cross_model": cross.setup} if cross else {}
-    record = result_record(name, model_name, "zeroshot_retrieval", metrics, details, ties=a.ties,
-                           ties_convention=details["ties_convention"], **extra)
+    convention = {"ties": details.pop("ties"), "ties_convention": details.pop("ties_convention")}
+    record = result_record(name, model_name, "zeroshot_retrieval", metrics, details, **convention, **extra)
     if a.json:
         write_results(a.json, record)
     if a.plots:
