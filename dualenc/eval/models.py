@@ -34,7 +34,7 @@ class _Utf8Tokens:
         ids = torch.zeros(len(raw), width, dtype=torch.uint8)
         mask = torch.zeros(len(raw), width, dtype=torch.long)
         for i, r in enumerate(raw):
-            ids[i, : len(r)] = torch.frombuffer(bytearray(r), dtype=torch.uint8) if r else ids[i, :0]
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.uint8)
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 

@@ -102,8 +102,13 @@ class ZeroShotSet:
     split: str = "test"  # of a CLIP_benchmark root (root/test/*.tar)
 
     @cached_property
+    def sources(self) -> tuple[list[str], list[str], str, str]:
+        """(class names, templates, where each came from)."""
+        return prompt_sources(self.data, self.classnames, self.templates, self.format)
+
+    @property
     def prompts(self) -> tuple[list[str], list[str]]:
-        return resolve_prompts(self.data, self.classnames, self.templates, self.format)
+        return self.sources[0], self.sources[1]
 
     def check(self) -> None:
         folder = self.format == "folder" or (self.format == "auto" and is_image_folder(self.data))
@@ -244,12 +249,14 @@ class EvalSuite:
         emb, labels = gather_rows(enc.embeddings), gather_rows(enc.labels)
         if world_info()[0] != 0:
             return None
-        names, templates = s.prompts
+        names, templates, names_src, templates_src = s.sources
         classifier = build_classifier(model, model.text_tower.tokenizer_fn(), names, templates, device)
         metrics = zeroshot_metrics(emb, labels, classifier.float().cpu(), per_class=True)
         per_class = metrics.pop("per_class_recall")
+        details = {"classnames": names, "per_class_recall": per_class, "classnames_source": names_src,
+                   "templates": templates, "templates_source": templates_src}
         self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_classification", "metrics": metrics,
-                             "details": {"classnames": names, "per_class_recall": per_class}})
+                             "details": details})
         return metrics
 
     def _retrieval(self, s: RetrievalSet, model: DualEncoder, device: Any) -> dict[str, float] | None:
