@@ -112,6 +112,11 @@ def test_zeroshot_on_the_open_clip_export_equals_the_dualenc_export(tmp_path: Pa
                                      "--json", str(out)]) == 0
         results[name] = json.loads(out.read_text())["metrics"]
     assert results["oc"] == pytest.approx(results["ours"], abs=1e-6)
+    # The checkpoint file with its config, as an open_clip user holds them.
+    assert COMMANDS["zeroshot"](["--model", str(tmp_path / "oc" / WEIGHTS_FILE), "--model-config",
+                                 str(tmp_path / "oc" / "open_clip_config.json"), "--data", str(tmp_path / "d"),
+                                 "--workers", "0", "--json", str(tmp_path / "file.json")]) == 0
+    assert json.loads((tmp_path / "file.json").read_text())["metrics"] == pytest.approx(results["ours"], abs=1e-6)
     for name in ("ours", "oc"):
         assert COMMANDS["retrieval"](["--model", str(tmp_path / name), "--data", str(tmp_path / "d"), "--workers", "0",
                                       "--json", str(tmp_path / f"r{name}.json")]) == 0
