@@ -2,8 +2,8 @@
 
 The fixture writes the layout the way ``clip_benchmark.webdataset_builder.convert_dataset`` does
 (webdataset's ShardWriter, ``root/<split>/%d.tar``, keys ``s%07d``, lossless webp, ``.cls`` ints,
-``nshards.txt``, the two list files in ``root/``). The metric parity tests call the real
-``clip_benchmark`` package (a dev dependency) on the same embeddings.
+``nshards.txt``, the two list files in ``root/``), and CLIP_benchmark's own builder reads it back. The
+metric parity tests call the real ``clip_benchmark`` package (a dev dependency) on the same embeddings.
 """
 
 from __future__ import annotations
@@ -237,3 +237,21 @@ def test_eval_suite_reads_benchmark_roots(setup) -> None:
     assert set(out) >= {"c/top1", "r/image_retrieval_recall@1"}
     zs, rt = suite.records
     assert zs["metrics"]["samples"] == 8 and rt["details"]["ties"] == "clip_benchmark"
+
+
+def test_clip_benchmark_reads_the_fixture_as_we_do(setup, tmp_path: Path) -> None:
+    """CLIP_benchmark's own builder reads the fixture: same labels in the same order, same lists; and without
+    a templates file it fails, as dualenc does."""
+    builder = pytest.importorskip("clip_benchmark.datasets.builder")
+    root, _, labels, caps = setup
+    ret = builder.build_dataset("wds/caps", root=str(root / "wds_caps"), split="test", task="zeroshot_retrieval")
+    assert [c for _, c in ret] == caps  # our reader's captions are the same (test_retrieval_cli_on_benchmark_root)
+    ds = builder.build_dataset("wds/colors", root=str(root / "wds_colors"), split="test",
+                               task="zeroshot_classification")
+    assert ds.classes == [f"{n} square" for n in NAMES] and ds.templates == TEMPLATES
+    assert [int(c) for _, c in ds] == labels
+    bare = tmp_path / "bare"
+    write_benchmark(bare, "test", 2, lists=False)
+    (bare / "classnames.txt").write_text("\n".join(NAMES) + "\n")
+    with pytest.raises(AssertionError, match="Templates not specified"):
+        builder.build_dataset("wds/bare", root=str(bare), split="test", task="zeroshot_classification")
