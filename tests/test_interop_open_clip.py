@@ -122,3 +122,25 @@ def test_zeroshot_on_the_open_clip_export_equals_the_dualenc_export(tmp_path: Pa
                                       "--json", str(tmp_path / f"r{name}.json")]) == 0
     assert json.loads((tmp_path / "roc.json").read_text())["metrics"] == pytest.approx(
         json.loads((tmp_path / "rours.json").read_text())["metrics"], abs=1e-6)
+
+
+def test_preprocessing_travels_to_open_clip_and_back(tmp_path: Path) -> None:
+    from dualenc.eval.models import load_eval_model
+    from dualenc.towers import HFTextTower, TimmImageTower
+
+    torch.manual_seed(0)
+    text = HFTextTower(config=dict(model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64), tokenizer=minilm_dir(), context_length=8)
+    model = DualEncoder(TimmImageTower("test_efficientnet", image_size=40, crop_pct=1.0, interpolation="bilinear"),
+                        text, embed_dim=8).eval()
+    src = export_model(model, tmp_path / "export")
+    pre = json.loads((src / "config.json").read_text())["preprocess"]
+    assert pre["image_size"] == [40, 40] and pre["interpolation"] == "bilinear" and pre["crop_pct"] == 1.0
+    assert load_model(src).image_tower.data_config["interpolation"] == "bilinear"
+    out = export_open_clip(model, tmp_path / "oc")
+    cfg = json.loads((out / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert cfg["size"] == 40 and cfg["interpolation"] == "bilinear" and cfg["mean"] == pre["mean"]
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert "bilinear" in str(preprocess)
+    dc = load_eval_model(str(out)).image_tower.data_config  # dualenc evaluating the open_clip directory
+    assert dc["interpolation"] == "bilinear" and tuple(dc["input_size"]) == (3, 40, 40)
