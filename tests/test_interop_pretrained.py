@@ -96,3 +96,29 @@ def test_init_text_from_an_hf_vision_text_dual_encoder(tmp_path: Path) -> None:
         ours = model.text_tower.encoder(**enc).last_hidden_state
         theirs = hf.text_model(**enc).last_hidden_state
     assert torch.equal(ours, theirs)
+
+
+def test_init_from_in_a_training_config(tmp_path: Path, tokenizer_dir, monkeypatch) -> None:
+    """`model.model.init_from` / `init_parts` in YAML (here as overrides of demo.yaml), through LightningCLI."""
+    import io
+    import sys
+    import tarfile
+
+    from dualenc.cli import make_cli
+
+    monkeypatch.setattr(sys, "argv", ["dualenc"])
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:  # WebDataModule checks the pattern when it is built
+        info = tarfile.TarInfo("000000000.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(root / "configs/demo.yaml"), f"--model.model.text_tower.init_args.tokenizer={tokenizer_dir}",
+            f"--data.train={shard}", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    src = make_cli(args, run=False).model.model  # the config seeds everything with 0
+    export_model(src, tmp_path / "pretrained")
+    model = make_cli([*args, "--seed_everything=1", f"--model.model.init_from={tmp_path / 'pretrained'}",
+                      "--model.model.init_parts=[text]"], run=False).model.model
+    assert same(model.state_dict(), src.state_dict(), "text_tower.")
+    assert not same(model.state_dict(), src.state_dict(), "image_proj.")
