@@ -3,8 +3,8 @@
 ``dualenc zeroshot/retrieval --model`` takes a dualenc export directory, an HF CLIP-style directory, or
 an open_clip checkpoint (with ``--model-config``); the kind is read from the files or given with
 ``--model-kind`` (any name of ``dualenc.plugins.registry.TARGETS``); an open_clip ``local-dir`` model
-directory (``open_clip_config.json`` + weights, as ``dualenc export --format open_clip`` writes) works too. Non-dualenc models are wrapped in
-:class:`TargetModel`, which offers the small part of ``DualEncoder`` the evaluation code uses:
+directory (``open_clip_config.json`` + weights, as ``dualenc export --format open_clip`` writes) works
+too. Non-dualenc models are wrapped in :class:`TargetModel`, which offers the small part of ``DualEncoder`` the evaluation code uses:
 ``encode_image``, ``encode_text``, ``embed_dim``, ``image_tower.data_config`` and
 ``text_tower.tokenizer_fn()``.
 """
