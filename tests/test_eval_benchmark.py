@@ -255,3 +255,22 @@ def test_clip_benchmark_reads_the_fixture_as_we_do(setup, tmp_path: Path) -> Non
     (bare / "classnames.txt").write_text("\n".join(NAMES) + "\n")
     with pytest.raises(AssertionError, match="Templates not specified"):
         builder.build_dataset("wds/bare", root=str(bare), split="test", task="zeroshot_classification")
+
+
+def test_clip_benchmark_aggregation_reads_our_results(setup, tmp_path: Path) -> None:
+    """CLIP_benchmark's `build` step (results JSON files -> one CSV) takes dualenc's files as its own."""
+    import argparse
+    import csv
+
+    cli = pytest.importorskip("clip_benchmark.cli")
+    root, export, _, _ = setup
+    assert COMMANDS["zeroshot"](["--model", str(export), "--data", str(root / "wds_colors"), "--workers", "0",
+                                 "--json", str(tmp_path / "zs.json")]) == 0
+    assert COMMANDS["retrieval"](["--model", str(export), "--data", str(root / "wds_caps"), "--workers", "0",
+                                  "--json", str(tmp_path / "rt.json")]) == 0
+    cli.main_build(argparse.Namespace(files=[str(tmp_path)], output=str(tmp_path / "benchmark.csv")))
+    rows = {r["dataset"]: r for r in csv.DictReader(open(tmp_path / "benchmark.csv"))}
+    zs, rt = json.loads((tmp_path / "zs.json").read_text()), json.loads((tmp_path / "rt.json").read_text())
+    assert float(rows["wds_colors"]["acc1"]) == zs["metrics"]["acc1"]
+    assert float(rows["wds_caps"]["image_retrieval_recall@5"]) == rt["metrics"]["image_retrieval_recall@5"]
+    assert rows["wds_caps"]["task"] == "zeroshot_retrieval" and rows["wds_caps"]["ties"] == "clip_benchmark"
