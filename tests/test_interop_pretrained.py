@@ -123,3 +123,14 @@ def test_init_from_in_a_training_config(tmp_path: Path, tokenizer_dir, monkeypat
                       "--model.model.init_parts=[text]"], run=False).model.model
     assert same(model.state_dict(), src.state_dict(), "text_tower.")
     assert not same(model.state_dict(), src.state_dict(), "image_proj.")
+
+
+def test_sources_without_dualenc_towers_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from test_eval_models import hf_clip_dir
+
+    with pytest.raises(UserError, match="'clip' cannot initialize"):  # CLIP's causal text model pools EOS
+        DualEncoder(*towers(1), embed_dim=16, init_from=str(hf_clip_dir(tmp_path)))
+    save_file({"visual.conv1.weight": torch.zeros(2, 3, 4, 4), "logit_scale": torch.zeros(())}, tmp_path / "vit.safetensors")
+    with pytest.raises(UserError, match="its own vision transformer"):
+        DualEncoder(*towers(1), embed_dim=16, init_from=str(tmp_path / "vit.safetensors"))
