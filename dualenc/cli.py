@@ -182,24 +182,47 @@ def make_cli(args: list[str], run: bool = True):
 
 
 def cmd_export(argv: list[str]) -> int:
-    """dualenc export --config CFG.yaml --ckpt_path X.ckpt --out DIR"""
+    """dualenc export (--config CFG.yaml --ckpt_path X.ckpt | --model EXPORT_DIR) --out DIR [--format open_clip]"""
     from dualenc.checkpoint import load_checkpoint_file
     from dualenc.export import export_model
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc export", description="Export a Lightning checkpoint's model "
-                                "as safetensors + config, loadable with dualenc.export.load_model.")
-    p.add_argument("--config", action="append", required=True, help="the training config(s)")
-    p.add_argument("--ckpt_path", required=True)
+    p = argparse.ArgumentParser(prog="dualenc export", description="Export a Lightning checkpoint's model (or "
+                                "convert a dualenc export) as safetensors + config: dualenc's format "
+                                "(dualenc.export.load_model) or open_clip's (open_clip.create_model_and_transforms("
+                                "'local-dir:DIR')).", formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--config", action="append", help="the training config(s)")
+    p.add_argument("--ckpt_path")
+    p.add_argument("--model", help="instead of --config/--ckpt_path: a dualenc export directory to convert")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("dualenc", "open_clip"), default="dualenc")
+    p.add_argument("--allow-crop-change", action="store_true", help="open_clip: export a model evaluated at "
+                   "crop_pct < 1 anyway (open_clip's transforms crop at 1.0)")
     a = p.parse_args(argv)
-    cli_args = [x for c in a.config for x in ("--config", c)]
-    # Only the model is needed: no data, no accelerator, no strategy, no logs.
-    cli_args += ["--data.train=null", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
-                 "--trainer.strategy=auto", "--trainer.logger=false", "--trainer.num_nodes=1"]
-    cli = make_cli(cli_args, run=False)
-    ckpt = load_checkpoint_file(a.ckpt_path)
-    cli.model.load_state_dict(ckpt["state_dict"], strict=True)
-    print(f"exported model to {export_model(cli.model.model, a.out)}")
+    if a.model:
+        if a.config or a.ckpt_path:
+            p.error("give --model (an export) or --config with --ckpt_path, not both")
+        from dualenc.export import load_model
+
+        model = load_model(a.model)
+    else:
+        if not (a.config and a.ckpt_path):
+            p.error("give --config and --ckpt_path (or --model EXPORT_DIR)")
+        cli_args = [x for c in a.config for x in ("--config", c)]
+        # Only the model is needed: no data, no accelerator, no strategy, no logs.
+        cli_args += ["--data.train=null", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                     "--trainer.strategy=auto", "--trainer.logger=false", "--trainer.num_nodes=1"]
+        cli = make_cli(cli_args, run=False)
+        ckpt = load_checkpoint_file(a.ckpt_path)
+        cli.model.load_state_dict(ckpt["state_dict"], strict=True)
+        model = cli.model.model
+    if a.format == "open_clip":
+        from dualenc.interop.open_clip import export_open_clip
+
+        out = export_open_clip(model, a.out, allow_crop_change=a.allow_crop_change)
+        print(f"exported model to {out} (open_clip: open_clip.create_model_and_transforms('local-dir:{out}'), "
+              f"open_clip.get_tokenizer('local-dir:{out}'))")
+    else:
+        print(f"exported model to {export_model(model, a.out)}")
     return 0
 
 

@@ -39,6 +39,9 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
             "image_tower": {"name": tower_name(model.image_tower), "kwargs": model.image_tower.export_config(tmp)},
             "text_tower": {"name": tower_name(model.text_tower), "kwargs": model.text_tower.export_config(tmp)},
             "model": model.config,
+            # What the image tower expects (image size, crop_pct, interpolation, mean/std), so that any
+            # reader of the export preprocesses as dualenc's evaluation did.
+            "preprocess": preprocess_config(model),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         state = state_dict if state_dict is not None else model.state_dict()
@@ -54,6 +57,15 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def preprocess_config(model: DualEncoder) -> dict[str, Any]:
+    """The image tower's eval preprocessing as plain JSON values."""
+    dc = model.image_tower.data_config
+    out = {"image_size": list(dc["input_size"][-2:]), "crop_pct": float(dc.get("crop_pct", 1.0)),
+           "crop_mode": dc.get("crop_mode", "center"), "interpolation": dc.get("interpolation", "bicubic"),
+           "mean": [float(v) for v in dc["mean"]], "std": [float(v) for v in dc["std"]]}
+    return out
 
 
 def _resolve_paths(kwargs: dict[str, Any], root: Path) -> dict[str, Any]:

@@ -32,6 +32,10 @@ class DualEncoder(nn.Module):
         max_logit_scale: the log-scale is clamped at this value (log(100) as in CLIP).
         learn_logit_scale: whether the temperature is learned.
         init_logit_bias: a learnable logit bias (SigLIP: -10); ``None`` means no bias parameter.
+        init_from: start from pretrained weights: a dualenc export, an open_clip timm + HF model (directory
+            or checkpoint) or an HF VisionTextDualEncoderModel directory; the towers must match it (see
+            ``dualenc.interop.pretrained``). Not part of the exported config: an export holds the weights.
+        init_parts: which towers (with their projections) ``init_from`` initializes: ``image``, ``text``.
     """
 
     def __init__(
@@ -43,6 +47,8 @@ class DualEncoder(nn.Module):
         max_logit_scale: float = math.log(100),
         learn_logit_scale: bool = True,
         init_logit_bias: float | None = None,
+        init_from: str | None = None,
+        init_parts: tuple[str, ...] = ("image", "text"),
     ) -> None:
         super().__init__()
         self.image_tower = image_tower
@@ -63,6 +69,10 @@ class DualEncoder(nn.Module):
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.config = dict(embed_dim=embed_dim, init_logit_scale=init_logit_scale, max_logit_scale=max_logit_scale,
                            learn_logit_scale=learn_logit_scale, init_logit_bias=init_logit_bias)
+        if init_from:
+            from dualenc.interop.pretrained import load_pretrained  # key mapping lives beside the model
+
+            load_pretrained(self, init_from, tuple(init_parts))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.image_proj(self.image_tower(images))

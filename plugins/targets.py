@@ -41,6 +41,7 @@ class Target:
     image_size: int | None = None  # square input resolution the model expects
     image_mean: tuple[float, ...] | None = None  # normalization the model expects
     image_std: tuple[float, ...] | None = None
+    image_interpolation: str = "bicubic"  # resize interpolation of the model's preprocessing
 
     def __init__(self) -> None:
         self._modules: list[nn.Module] = []
@@ -86,7 +87,7 @@ class Target:
         if self.image_size is None:
             raise ValueError(f"target {self.name!r} takes no images")
         return {"input_size": (3, self.image_size, self.image_size), "mean": self.image_mean or OPENAI_MEAN,
-                "std": self.image_std or OPENAI_STD, "interpolation": "bicubic", "crop_pct": 1.0}
+                "std": self.image_std or OPENAI_STD, "interpolation": self.image_interpolation, "crop_pct": 1.0}
 
     def adapt_images(self, images: torch.Tensor, input_mean: Sequence[float] | None = None,
                      input_std: Sequence[float] | None = None) -> torch.Tensor:
@@ -222,6 +223,7 @@ class OpenClipTarget(Target):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.image_mean = tuple(preprocess.get("mean", OPENAI_MEAN))
         self.image_std = tuple(preprocess.get("std", OPENAI_STD))
+        self.image_interpolation = preprocess.get("interpolation", "bicubic")
         self.embed_dim = int(cfg["embed_dim"])
         self.name = name or f"open_clip:{Path(checkpoint).name}"
 

@@ -14,6 +14,7 @@ from dualenc.eval.commands import COMMANDS
 from dualenc.eval.encode import encode_images, encode_texts, eval_batches, flatten_captions
 from dualenc.eval.report import read_csv_metric, result_record, write_results
 from dualenc.eval.retrieval import retrieval_metrics
+from dualenc.eval.topk_recall import retrieval_report
 from dualenc.export import load_model
 
 
@@ -40,8 +41,14 @@ def test_retrieval_cli_matches_library_and_embedding_dirs(setup, capsys: pytest.
                                             captions=True), captions=True)
     assert enc.captions == caps
     texts, owner = flatten_captions(enc.captions)
-    ref = retrieval_metrics(enc.embeddings, encode_texts(model, model.text_tower.tokenizer_fn(), texts), owner)
+    txt = encode_texts(model, model.text_tower.tokenizer_fn(), texts)
+    ref = retrieval_report(enc.embeddings, txt, owner)[0]  # CLIP_benchmark's tie convention, the default
     assert rec["metrics"] == pytest.approx(ref)
+    assert rec["ties"] == "clip_benchmark" and "torch.topk" in rec["ties_convention"]
+    # The captions repeat ("a red square" belongs to three images): the exact bounds are reported.
+    bounds = rec["details"]["recall_bounds"]
+    opt = retrieval_metrics(enc.embeddings, txt, owner, ties="optimistic")
+    assert bounds["text_retrieval_recall@1"][1] == pytest.approx(opt["text_retrieval_recall@1"])
     # Via embedding directories (ids KEY#j tie captions to images).
     for flag, name in (("--images", "ei"), ("--texts", "et")):
         assert COMMANDS["embed"](["--model", str(export), flag, str(root / "caps"), "--out", str(root / name),
@@ -49,6 +56,9 @@ def test_retrieval_cli_matches_library_and_embedding_dirs(setup, capsys: pytest.
     assert COMMANDS["retrieval"](["--images", str(root / "ei"), "--texts", str(root / "et"),
                                   "--json", str(out / "e.json")]) == 0
     assert json.loads((out / "e.json").read_text())["metrics"] == pytest.approx(ref, abs=1e-6)
+    assert COMMANDS["retrieval"](["--images", str(root / "ei"), "--texts", str(root / "et"), "--ties", "optimistic",
+                                  "--json", str(out / "o.json")]) == 0
+    assert json.loads((out / "o.json").read_text())["metrics"] == pytest.approx(opt, abs=1e-6)
     with pytest.raises(SystemExit):
         COMMANDS["retrieval"](["--images", str(root / "ei")])
 

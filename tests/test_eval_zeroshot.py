@@ -15,6 +15,7 @@ from dualenc.data.datamodule import eval_loader
 from dualenc.eval.commands import COMMANDS
 from dualenc.eval.encode import encode_images, eval_batches
 from dualenc.eval.imagefolder import find_classes, folder_classnames, image_folder_loader
+from dualenc.errors import UserError
 from dualenc.eval.imagenet import imagenet_classnames, imagenet_templates, load_classnames, load_templates
 from dualenc.eval.suite import resolve_prompts
 from dualenc.eval.zeroshot import build_classifier, evaluate, zeroshot_metrics
@@ -111,9 +112,12 @@ def test_resolve_prompts_defaults(tmp_path: Path) -> None:
     names, temps = resolve_prompts(str(tmp_path / "d" / "shard-{00000..00000}.tar"), None, None)
     assert names[0] == "red square" and temps == TEMPLATES
     (tmp_path / "d" / "zeroshot_classification_templates.txt").unlink()
-    assert resolve_prompts(str(tmp_path / "d"), None, None)[1] == imagenet_templates()
+    # No silent fallback to CLIP's 80 templates: CLIP_benchmark fails without templates, and so do we.
+    with pytest.raises(UserError, match="--templates imagenet"):
+        resolve_prompts(str(tmp_path / "d"), None, None)
+    assert resolve_prompts(str(tmp_path / "d"), None, "imagenet")[1] == imagenet_templates()
     (tmp_path / "d" / "classnames.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="classnames.txt"):
+    with pytest.raises(UserError, match="classnames.txt"):
         resolve_prompts(str(tmp_path / "d"), None, None)
     with pytest.raises(ValueError, match=r"\{c\}"):
         resolve_prompts(str(tmp_path / "d"), ["a"], ["no placeholder"])

@@ -26,8 +26,8 @@ class EvalCallback(L.Callback):
     anywhere the callback does nothing.
 
     Args:
-        zeroshot: dicts ``{name, data, classnames?, templates?, format?}`` (see ``ZeroShotSet``).
-        retrieval: dicts ``{name, data, caption_key?, ks?, ties?}`` (see ``RetrievalSet``).
+        zeroshot: dicts ``{name, data, classnames?, templates?, format?, split?}`` (see ``ZeroShotSet``).
+        retrieval: dicts ``{name, data, caption_key?, ks?, ties?, split?}`` (see ``RetrievalSet``).
         every_n_epochs: evaluate at the end of every N-th training epoch (None: never).
         every_n_steps: evaluate after every N-th optimizer step (None: never).
         batch_size / num_workers: per rank, for the evaluation data.

@@ -23,7 +23,23 @@ def _load(model_dir: str) -> Any:
     return load_model(model_dir).to(_device())
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a dualenc export directory, an HF CLIP-style directory (CLIPModel "
+                   "save_pretrained), or an open_clip checkpoint file (with --model-config)")
+    p.add_argument("--model-kind", default="auto", help="auto (from the files), dualenc, hf_clip, open_clip, or "
+                   "another target kind of `dualenc align`")
+    p.add_argument("--model-config", help="for an open_clip checkpoint: its open_clip_config.json / model config "
+                   "JSON, or a built-in open_clip architecture name")
+
+
+def _load_any(a: argparse.Namespace, device: str) -> Any:
+    from dualenc.eval.models import load_eval_model
+
+    return load_eval_model(a.model, a.model_kind, a.model_config, device)
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", help="for a CLIP_benchmark root (root/{train,test}/*.tar): the split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--json", help="write the results (CLIP_benchmark-like JSON) to this file")
@@ -54,31 +70,39 @@ def cmd_zeroshot(argv: list[str]) -> int:
     [--text-model EXPORT_B --map MAP]"""
     from dualenc.eval.encode import FORMATS, encode_images, eval_batches
     from dualenc.eval.report import plot_record, result_record, write_results
-    from dualenc.eval.suite import data_folder, resolve_prompts
+    from dualenc.eval.suite import data_folder, prompt_sources
     from dualenc.eval.zeroshot import build_classifier, zeroshot_metrics
 
     p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc zeroshot", description="Zero-shot classification of labelled images: "
                                 "shards in CLIP_benchmark's layout (.jpg + .cls, classnames.txt and "
                                 "zeroshot_classification_templates.txt beside them; e.g. the demo's heldout/), "
                                 "or an image folder (one subfolder per class).")
-    p.add_argument("--model", required=True, help="a dualenc export directory")
-    p.add_argument("--data", required=True, help="shard spec (directory, brace pattern, glob) or image folder")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="a CLIP_benchmark root (root/test/*.tar with classnames.txt and "
+                   "zeroshot_classification_templates.txt in root/), a shard spec (directory, brace pattern, glob) "
+                   "or an image folder")
     p.add_argument("--format", choices=FORMATS, default="auto", help="auto: a directory without .tar files is an "
                    "image folder")
     p.add_argument("--classnames", help="one class name per line, in label order, or 'imagenet' (default: "
                    "classnames.txt beside the shards, or an image folder's subfolder names)")
     p.add_argument("--templates", help="one template with {c} per line, or 'imagenet' for CLIP's 80 (default: "
-                   "zeroshot_classification_templates.txt beside the data, else CLIP's 80)")
+                   "zeroshot_classification_templates.txt of the dataset; without one this fails, as CLIP_benchmark "
+                   "does)")
     _data_args(p)
     _cross_args(p)
     a = p.parse_args(argv)
-    names, templates = resolve_prompts(a.data, a.classnames, a.templates, a.format)
+    if not a.model:
+        p.error("--model is required")
+    names, templates, names_src, templates_src = prompt_sources(a.data, a.classnames, a.templates, a.format)
+    print(f"class names: {len(names)} from {names_src}; templates: {len(templates)} from {templates_src} "
+          f"(e.g. {templates[0]!r})")
     device = _device()
     cross = _cross(p, a, device)
-    model = cross.image_model if cross else _load(a.model)
+    model = cross.image_model if cross else _load_any(a, device)
     text_model = cross.text_model if cross else model
     name = a.name or data_folder(a.data).name
-    batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=True, fmt=a.format)
+    batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=True, fmt=a.format,
+                           split=a.split)
     enc = encode_images(model, batches, device, labels=True, name=f"evaluation set {a.data}", show_progress=True,
                         total=sample_total(a.data))
     img = cross.image(enc.embeddings) if cross else enc.embeddings
@@ -90,7 +114,9 @@ def cmd_zeroshot(argv: list[str]) -> int:
     per_class = metrics.pop("per_class_recall")
     extra = {"cross_model": cross.setup} if cross else {}
     record = result_record(name, cross.name if cross else str(a.model), "zeroshot_classification", metrics,
-                           {"classnames": names, "per_class_recall": per_class, "skipped": enc.skipped}, **extra)
+                           {"classnames": names, "per_class_recall": per_class, "skipped": enc.skipped,
+                            "templates": templates, "templates_source": templates_src,
+                            "classnames_source": names_src}, **extra)
     if a.json:
         write_results(a.json, record)
     if a.plots:
@@ -125,22 +151,23 @@ def cmd_retrieval(argv: list[str]) -> int:
     | --images EMB_DIR --texts EMB_DIR"""
     from dualenc.eval.encode import encode_images, encode_texts, eval_batches, flatten_captions
     from dualenc.eval.report import plot_record, result_record, write_results
-    from dualenc.eval.retrieval import (DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve,
-                                        retrieval_ranks)
+    from dualenc.eval.retrieval import DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK
     from dualenc.eval.suite import CURVE_KS, data_folder
+    from dualenc.eval.topk_recall import DEFAULT_TIES, TIES, retrieval_report
 
     p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
                                 "median rank. Images own every caption line of their caption member "
                                 "(CLIP_benchmark's layout); ranks are exact, computed in bounded memory.")
-    p.add_argument("--model", help="a dualenc export directory (with --data)")
-    p.add_argument("--data", help="image + caption shards")
+    _model_args(p)
+    p.add_argument("--data", help="image + caption shards, or a CLIP_benchmark retrieval root (root/test/*.tar)")
     p.add_argument("--caption-key", default="txt")
     p.add_argument("--images", help="instead of --model/--data: an image embeddings directory (dualenc embed)")
     p.add_argument("--texts", help="with --images: a text embeddings directory whose ids are IMAGE_ID#j")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--ties", choices=("optimistic", "pessimistic"), default="optimistic",
-                   help="whether a negative scoring exactly as the positive (e.g. a duplicate caption) ranks below "
-                   "(optimistic) or above it")
+    p.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
+                   help="exactly tied scores (duplicate captions): clip_benchmark = Recall@K by CLIP_benchmark's "
+                   "torch.topk formula (comparable with its results; the exact optimistic/pessimistic bounds are "
+                   "reported beside it); optimistic/pessimistic = exact ranks with ties for/against the query")
     p.add_argument("--image-chunk", type=int, default=DEFAULT_IMAGE_CHUNK)
     p.add_argument("--text-chunk", type=int, default=DEFAULT_TEXT_CHUNK)
     _data_args(p)
@@ -158,10 +185,10 @@ def cmd_retrieval(argv: list[str]) -> int:
         if not (a.model and a.data):
             p.error("give --model and --data (or --images and --texts)")
         cross = _cross(p, a, device)
-        model = cross.image_model if cross else _load(a.model)
+        model = cross.image_model if cross else _load_any(a, device)
         text_model = cross.text_model if cross else model
         batches = eval_batches(a.data, model.image_tower.data_config, a.batch_size, a.workers, labels=False,
-                               captions=True, caption_key=a.caption_key)
+                               captions=True, caption_key=a.caption_key, split=a.split)
         enc = encode_images(model, batches, device, captions=True, name=f"evaluation set {a.data}",
                             show_progress=True, total=sample_total(a.data))
         texts, owner = flatten_captions(enc.captions or [])
@@ -173,13 +200,10 @@ def cmd_retrieval(argv: list[str]) -> int:
         if cross:
             img, txt = cross.image(img), cross.text(txt)
         model_name, name = cross.name if cross else str(a.model), a.name or data_folder(a.data).name
-    ranks = retrieval_ranks(img, txt, owner, 0, a.image_chunk, a.text_chunk, device, a.ties)
-    metrics = metrics_from_ranks(ranks, a.ks)
-    curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
-              "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}
+    metrics, details = retrieval_report(img, txt, owner, a.ks, a.ties, a.image_chunk, a.text_chunk, device, CURVE_KS)
     extra = {"cross_model": cross.setup} if cross else {}
-    record = result_record(name, model_name, "zeroshot_retrieval", metrics, {"recall_curves": curves}, ties=a.ties,
-                           **extra)
+    convention = {"ties": details.pop("ties"), "ties_convention": details.pop("ties_convention")}
+    record = result_record(name, model_name, "zeroshot_retrieval", metrics, details, **convention, **extra)
     if a.json:
         write_results(a.json, record)
     if a.plots:
@@ -199,6 +223,13 @@ def cmd_retrieval(argv: list[str]) -> int:
                    for k in a.ks)
     print(f"retrieval on {name} ({metrics['images']} images, {metrics['texts']} captions), text->image/image->text: "
           f"{ks}; median rank {metrics['image_retrieval_median_rank']:g}/{metrics['text_retrieval_median_rank']:g}")
+    if details.get("ties_changed_recall"):
+        b = details["recall_bounds"]
+        k = a.ks[0]
+        print(f"note: exactly tied scores (e.g. duplicate captions) decide part of these recalls; with ties counted "
+              f"against/for the query, R@{k} would be {b[f'image_retrieval_recall@{k}'][0]:.3f}-"
+              f"{b[f'image_retrieval_recall@{k}'][1]:.3f} text->image, {b[f'text_retrieval_recall@{k}'][0]:.3f}-"
+              f"{b[f'text_retrieval_recall@{k}'][1]:.3f} image->text (--ties)")
     return 0
 
 

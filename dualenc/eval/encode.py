@@ -14,6 +14,7 @@ from torch import Tensor
 from dualenc.data.datamodule import eval_loader
 from dualenc.data.sources import expand_urls
 from dualenc.eval.imagefolder import image_folder_loader
+from dualenc.eval.layout import benchmark_split, is_benchmark_root
 from dualenc.model import DualEncoder
 from dualenc.progress import progress
 
@@ -21,15 +22,23 @@ FORMATS = ("auto", "wds", "folder")
 
 
 def is_image_folder(data: str | Path) -> bool:
-    """A directory without ``.tar`` shards in it is read as an image folder."""
-    p = Path(data)
-    return p.is_dir() and not any(p.glob("*.tar"))
+    """A directory without ``.tar`` shards in it (and not a CLIP_benchmark root) is read as an image folder."""
+    p = Path(str(data))
+    return p.is_dir() and not any(p.glob("*.tar")) and not is_benchmark_root(p)
+
+
+def shard_urls(data: str, split: str = "test") -> list[str]:
+    """The shards of ``data``: a CLIP_benchmark root's ``split`` (in its order), or a shard spec."""
+    if is_benchmark_root(data):
+        return benchmark_split(data, split).shards
+    return expand_urls(data)
 
 
 def eval_batches(data: str, data_config: dict[str, Any], batch_size: int = 256, num_workers: int = 2,
                  labels: bool = True, captions: bool = False, rank: int = 0, world: int = 1,
-                 fmt: str = "auto", caption_key: str = "txt", label_key: str = "cls") -> Iterable[dict[str, Any]]:
-    """Ordered batches of this rank's part of ``data`` (shard spec or image folder).
+                 fmt: str = "auto", caption_key: str = "txt", label_key: str = "cls",
+                 split: str = "test") -> Iterable[dict[str, Any]]:
+    """Ordered batches of this rank's part of ``data`` (shard spec, CLIP_benchmark root or image folder).
 
     Shards are split between ranks whole (``urls[rank::world]``), image folders image by image; a rank
     may get nothing. Batches hold ``image``, ``key`` and, as asked, ``label`` / ``text``.
@@ -41,7 +50,7 @@ def eval_batches(data: str, data_config: dict[str, Any], batch_size: int = 256, 
             raise ValueError(f"{data} is an image folder, which has no captions; retrieval needs shards with "
                              f".{caption_key} captions (one caption per line)")
         return image_folder_loader(data, data_config, batch_size, num_workers, labelled=labels, rank=rank, world=world)
-    urls = expand_urls(data)[rank::world]
+    urls = shard_urls(data, split)[rank::world]
     if not urls:
         return []
     return eval_loader(urls, data_config, batch_size, num_workers, label_key=label_key if labels else None,

@@ -13,15 +13,16 @@ from typing import Any, Callable
 
 import torch
 
-from dualenc.data.sources import expand_urls
 from dualenc.distributed import world_info
 from dualenc.eval.encode import (EncodedImages, encode_images, encode_texts, eval_batches, flatten_captions,
-                                 is_image_folder)
+                                 is_image_folder, shard_urls)
 from dualenc.eval.gather import all_ok, broadcast_values, gather_rows, row_offset
 from dualenc.eval.imagefolder import folder_classnames
-from dualenc.eval.imagenet import imagenet_templates, load_classnames, load_templates
-from dualenc.eval.retrieval import (DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK, metrics_from_ranks, recall_curve,
-                                    retrieval_ranks)
+from dualenc.errors import UserError
+from dualenc.eval.imagenet import BUILTIN, load_classnames, load_templates
+from dualenc.eval.layout import CLASSNAMES, TEMPLATES, is_benchmark_root
+from dualenc.eval.retrieval import DEFAULT_IMAGE_CHUNK, DEFAULT_TEXT_CHUNK
+from dualenc.eval.topk_recall import DEFAULT_TIES, retrieval_report
 from dualenc.eval.zeroshot import build_classifier, check_templates, zeroshot_metrics
 from dualenc.model import DualEncoder
 
@@ -30,40 +31,59 @@ CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
 
 
 def data_folder(data: str) -> Path:
-    """The directory holding a shard spec's files (where CLIP_benchmark keeps classnames.txt)."""
+    """The directory holding a dataset's lists: a CLIP_benchmark root itself, else the folder of a shard
+    spec's files (where classnames.txt sits beside flat shards)."""
     first = Path(str(data).split("::")[0])
     return first if first.is_dir() else first.parent
 
 
-def resolve_prompts(data: str, classnames: str | list[str] | None, templates: str | list[str] | None,
-                    fmt: str = "auto") -> tuple[list[str], list[str]]:
-    """Class names and templates for ``data``: given lists, files (or ``imagenet``), else the defaults:
-    names from ``classnames.txt`` beside shards or from an image folder's class folders; templates from
-    ``zeroshot_classification_templates.txt`` beside the data, else CLIP's 80 ImageNet templates."""
+NO_TEMPLATES = ("no prompt templates for {data}: no {file} in {folder}. CLIP_benchmark stops here too "
+                "('Templates not specified'); give --templates FILE (one template with {{c}} per line) or "
+                "--templates imagenet for CLIP's 80 ImageNet templates")
+
+
+def prompt_sources(data: str, classnames: str | list[str] | None, templates: str | list[str] | None,
+                   fmt: str = "auto") -> tuple[list[str], list[str], str, str]:
+    """Class names, templates and where each came from (for the log and the result JSON).
+
+    Defaults follow CLIP_benchmark's webdataset builder: ``classnames.txt`` and
+    ``zeroshot_classification_templates.txt`` in the dataset root (a CLIP_benchmark ``root/`` with
+    ``test/``/``train/`` shards, or the folder of flat shards); an image folder's class names are its
+    subfolders. Missing templates are an error, as in CLIP_benchmark: CLIP's 80 ImageNet templates are
+    used only when asked for (``imagenet``), never silently.
+    """
     folder = data_folder(data)
     if isinstance(classnames, list):
-        names = list(classnames)
+        names, names_src = list(classnames), "given list"
     elif classnames is not None:
-        names = load_classnames(classnames)
-    elif fmt == "folder" or (fmt == "auto" and is_image_folder(data)):
-        names = folder_classnames(data)
-    elif (folder / "classnames.txt").is_file():
-        names = load_classnames(folder / "classnames.txt")
+        names, names_src = load_classnames(classnames), str(classnames)
+    elif not is_benchmark_root(data) and (fmt == "folder" or (fmt == "auto" and is_image_folder(data))):
+        names, names_src = folder_classnames(data), f"class folders of {data}"
+    elif (folder / CLASSNAMES).is_file():
+        names, names_src = load_classnames(folder / CLASSNAMES), str(folder / CLASSNAMES)
     else:
-        raise FileNotFoundError(f"no class names for {data}: no classnames.txt beside the shards; give a file "
-                                "(--classnames / classnames:) with one name per class index, or 'imagenet'")
+        raise UserError(f"no class names for {data}: no {CLASSNAMES} in {folder}; give a file (--classnames / "
+                        "classnames:) with one name per class index, or 'imagenet'")
     if isinstance(templates, list):
-        temps = list(templates)
+        temps, temps_src = list(templates), "given list"
         check_templates(temps)
     elif templates is not None:
         temps = load_templates(templates)
-    elif (folder / "zeroshot_classification_templates.txt").is_file():
-        temps = load_templates(folder / "zeroshot_classification_templates.txt")
+        temps_src = "CLIP's ImageNet templates" if str(templates) == BUILTIN and not Path(templates).exists() \
+            else str(templates)
+    elif (folder / TEMPLATES).is_file():
+        temps, temps_src = load_templates(folder / TEMPLATES), str(folder / TEMPLATES)
     else:
-        temps = imagenet_templates()
+        raise UserError(NO_TEMPLATES.format(data=data, file=TEMPLATES, folder=folder))
     if not names:
-        raise ValueError(f"no class names for {data}")
-    return names, temps
+        raise UserError(f"no class names for {data}")
+    return names, temps, names_src, temps_src
+
+
+def resolve_prompts(data: str, classnames: str | list[str] | None, templates: str | list[str] | None,
+                    fmt: str = "auto") -> tuple[list[str], list[str]]:
+    """Class names and templates for ``data`` (see :func:`prompt_sources`)."""
+    return prompt_sources(data, classnames, templates, fmt)[:2]
 
 
 @dataclass
@@ -79,15 +99,21 @@ class ZeroShotSet:
     classnames: str | list[str] | None = None
     templates: str | list[str] | None = None
     format: str = "auto"
+    split: str = "test"  # of a CLIP_benchmark root (root/test/*.tar)
 
     @cached_property
+    def sources(self) -> tuple[list[str], list[str], str, str]:
+        """(class names, templates, where each came from)."""
+        return prompt_sources(self.data, self.classnames, self.templates, self.format)
+
+    @property
     def prompts(self) -> tuple[list[str], list[str]]:
-        return resolve_prompts(self.data, self.classnames, self.templates, self.format)
+        return self.sources[0], self.sources[1]
 
     def check(self) -> None:
         folder = self.format == "folder" or (self.format == "auto" and is_image_folder(self.data))
         if not folder:
-            expand_urls(self.data)
+            shard_urls(self.data, self.split)
         _ = self.prompts  # resolves (and caches) class names and templates, raising if bad
 
     def keys(self) -> list[str]:
@@ -102,10 +128,11 @@ class RetrievalSet:
     data: str
     caption_key: str = "txt"
     ks: tuple[int, ...] = (1, 5, 10)
-    ties: str = "optimistic"  # or "pessimistic": see retrieval_ranks
+    ties: str = DEFAULT_TIES  # clip_benchmark, optimistic or pessimistic: see dualenc.eval.topk_recall
+    split: str = "test"  # of a CLIP_benchmark root (root/test/*.tar)
 
     def check(self) -> None:
-        expand_urls(self.data)
+        shard_urls(self.data, self.split)
 
     def keys(self) -> list[str]:
         metrics = [f"{d}_recall@{k}" for d in ("image_retrieval", "text_retrieval") for k in self.ks]
@@ -212,7 +239,8 @@ class EvalSuite:
         rank, world = world_info()
         batches = eval_batches(s.data, model.image_tower.data_config, self.batch_size, self.num_workers,
                                labels=labels, captions=captions, rank=rank, world=world,
-                               fmt=getattr(s, "format", "auto"), caption_key=getattr(s, "caption_key", "txt"))
+                               fmt=getattr(s, "format", "auto"), caption_key=getattr(s, "caption_key", "txt"),
+                               split=s.split)
         return encode_images(model, batches, device, labels=labels, captions=captions,
                              name=f"evaluation set {s.name!r} ({s.data})", allow_empty=world > 1)
 
@@ -221,12 +249,14 @@ class EvalSuite:
         emb, labels = gather_rows(enc.embeddings), gather_rows(enc.labels)
         if world_info()[0] != 0:
             return None
-        names, templates = s.prompts
+        names, templates, names_src, templates_src = s.sources
         classifier = build_classifier(model, model.text_tower.tokenizer_fn(), names, templates, device)
         metrics = zeroshot_metrics(emb, labels, classifier.float().cpu(), per_class=True)
         per_class = metrics.pop("per_class_recall")
+        details = {"classnames": names, "per_class_recall": per_class, "classnames_source": names_src,
+                   "templates": templates, "templates_source": templates_src}
         self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_classification", "metrics": metrics,
-                             "details": {"classnames": names, "per_class_recall": per_class}})
+                             "details": details})
         return metrics
 
     def _retrieval(self, s: RetrievalSet, model: DualEncoder, device: Any) -> dict[str, float] | None:
@@ -241,10 +271,8 @@ class EvalSuite:
         img_all, txt_all, owner_all = gather_rows(enc.embeddings), gather_rows(txt), gather_rows(owner)
         if world_info()[0] != 0:
             return None
-        ranks = retrieval_ranks(img_all, txt_all, owner_all, 0, self.image_chunk, self.text_chunk, device, s.ties)
-        metrics = metrics_from_ranks(ranks, s.ks)
-        curves = {"image_retrieval": recall_curve(ranks.image_ranks, CURVE_KS),
-                  "text_retrieval": recall_curve(ranks.text_ranks, CURVE_KS)}
+        metrics, details = retrieval_report(img_all, txt_all, owner_all, s.ks, s.ties, self.image_chunk,
+                                            self.text_chunk, device, CURVE_KS)
         self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_retrieval", "metrics": metrics,
-                             "details": {"recall_curves": curves}})
+                             "details": details})
         return metrics

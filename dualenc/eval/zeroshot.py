@@ -44,28 +44,15 @@ def build_classifier(model: DualEncoder, tokenize: Callable[[list[str]], dict[st
 @torch.no_grad()
 def evaluate(model: DualEncoder, batches: Iterable[dict[str, Any]], classifier: torch.Tensor,
              device: torch.device | str = "cpu") -> dict[str, float]:
-    """Top-1, top-5 and mean per-class recall of ``classifier`` on labelled image batches."""
-    n = classifier.shape[0]
-    metrics = {
-        "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
-        "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
-        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro"),
-    }
-    seen = 0
+    """Top-1, top-5 and mean per-class recall of ``classifier`` on labelled image batches
+    (:func:`zeroshot_metrics` of their embeddings)."""
+    embs, labs = [], []
     for batch in batches:
-        logits = model.encode_image(batch["image"].to(device)) @ classifier.T
-        labels = batch["label"].to(device)
-        if int(labels.max()) >= n:
-            raise ValueError(f"label {int(labels.max())} is out of range for {n} class names")
-        for m in metrics.values():
-            m.update(logits.cpu(), labels.cpu())
-        seen += len(labels)
-    if seen == 0:
+        embs.append(model.encode_image(batch["image"].to(device)).float().cpu())
+        labs.append(batch["label"].long().cpu())
+    if not embs:
         raise ValueError("the evaluation set is empty: no labelled image was read")
-    out = {k: float(m.compute()) for k, m in metrics.items()}
-    out["samples"] = seen
-    out["classes"] = n
-    return out
+    return zeroshot_metrics(torch.cat(embs), torch.cat(labs), classifier)
 
 
 @torch.no_grad()
@@ -92,19 +79,23 @@ def zeroshot_metrics(image_emb: torch.Tensor, labels: torch.Tensor, classifier: 
     metrics = {
         "top1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro", **kw),
         "top5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro", **kw),
-        "mean_per_class_recall": MulticlassRecall(num_classes=n, average="macro", **kw),
+        "per_class_recall": MulticlassRecall(num_classes=n, average=None, **kw),
     }
-    if per_class:
-        metrics["per_class_recall"] = MulticlassRecall(num_classes=n, average=None, **kw)
     cls = classifier.float().cpu()
     for i in range(0, image_emb.shape[0], chunk):
         logits = image_emb[i : i + chunk].float().cpu() @ cls.T
         for m in metrics.values():
             m.update(logits, labels[i : i + chunk].cpu())
-    out: dict[str, Any] = {}
-    for k, m in metrics.items():
-        v = m.compute()
-        out[k] = v.tolist() if v.ndim else float(v)
+    out: dict[str, Any] = {k: float(m.compute()) for k, m in metrics.items() if k != "per_class_recall"}
+    recall = metrics["per_class_recall"].compute()
+    # CLIP_benchmark's mean_per_class_recall is sklearn's balanced accuracy: the mean over the classes
+    # that occur among the labels (torchmetrics' macro average would count absent classes as 0).
+    present = torch.bincount(labels.cpu().long(), minlength=n) > 0
+    out["mean_per_class_recall"] = float(recall[present].mean())
+    # CLIP_benchmark's names; like it, no acc5 below 5 classes (it writes NaN; null here is valid JSON).
+    out["acc1"], out["acc5"] = out["top1"], (out["top5"] if n >= 5 else None)
+    if per_class:
+        out["per_class_recall"] = recall.tolist()
     out["samples"] = int(image_emb.shape[0])
     out["classes"] = n
     return out

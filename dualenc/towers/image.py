@@ -24,6 +24,9 @@ class TimmImageTower(ImageTower):
         weights: optional local ``.safetensors``/``.pth`` file with the timm model's weights;
             classifier weights in it are ignored. Nothing is ever downloaded.
         image_size: input resolution the data pipeline should produce (defaults to the model's).
+        crop_pct: evaluation center-crop fraction (resize to ``image_size / crop_pct``, crop ``image_size``);
+            defaults to the model's pretrained config. 1.0 is what open_clip's transforms do.
+        interpolation: resize interpolation (``bicubic``, ``bilinear``...); defaults to the model's.
         drop_path_rate: stochastic depth, if the architecture supports it.
         channels_last: feed NHWC tensors (faster convolutions on GPUs with tensor cores).
         model_kwargs: extra kwargs for ``timm.create_model`` (e.g. ``img_size`` for a ViT).
@@ -34,6 +37,8 @@ class TimmImageTower(ImageTower):
         model_name: str = "efficientnet_b0",
         weights: str | None = None,
         image_size: int | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
         drop_path_rate: float | None = None,
         channels_last: bool = False,
         model_kwargs: dict[str, Any] | None = None,
@@ -59,11 +64,18 @@ class TimmImageTower(ImageTower):
         if channels_last:
             self.trunk.to(memory_format=torch.channels_last)
         self.output_dim = int(getattr(self.trunk, "head_hidden_size", None) or self.trunk.num_features)
-        self._config = dict(model_name=model_name, image_size=image_size, drop_path_rate=drop_path_rate,
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self._config = dict(model_name=model_name, image_size=image_size, crop_pct=crop_pct,
+                            interpolation=interpolation, drop_path_rate=drop_path_rate,
                             channels_last=channels_last, model_kwargs=dict(model_kwargs or {}))
         self._data_config = resolve_model_data_config(self.trunk)
         if image_size is not None:
             self._data_config["input_size"] = (3, image_size, image_size)
+        if crop_pct is not None:
+            self._data_config["crop_pct"] = float(crop_pct)
+        if interpolation is not None:
+            self._data_config["interpolation"] = interpolation
 
     @property
     def data_config(self) -> dict[str, Any]:
