@@ -115,7 +115,8 @@ def test_init_from_in_a_training_config(tmp_path: Path, tokenizer_dir, monkeypat
     root = Path(__file__).resolve().parents[1]
     args = ["--config", str(root / "configs/demo.yaml"),
             f"--model.model.text_tower.init_args.tokenizer={tokenizer_dir}",
-            f"--data.train={shard}", "--data.val=null", "--trainer.accelerator=cpu", "--trainer.logger=false",
+            f"--data.train={shard}", "--data.val=null", "--data.eval_sets=null", "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}"]
     src = make_cli(args, run=False).model.model  # the config seeds everything with 0
     export_model(src, tmp_path / "pretrained")
