@@ -66,3 +66,12 @@ def test_deepspeed_cuda(tmp_path: Path, demo_data: Path, stage: int) -> None:
          "--trainer.sync_batchnorm", "false")
     assert (tmp_path / "ckpt" / "last.ckpt").exists()  # a directory of ZeRO shards under DeepSpeed
     _check_export(tmp_path)
+
+
+def test_compiled_step_cuda_graphs_cuda(tmp_path: Path, demo_data: Path) -> None:
+    """The levers of the GPU run together: the whole step compiled with CUDA graphs, the fused loss."""
+    _fit(tmp_path, demo_data, "--trainer.precision", "bf16-mixed", "--model.compile_step", "true",
+         "--model.compile_mode", "reduce-overhead", "--model.fused_loss", "true")
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    _check_export(tmp_path)
