@@ -42,8 +42,17 @@ setup_site() {
     fi
     # dualenc itself as an editable install without dependencies (the machine's torch etc. stay): the
     # package-dir mapping that makes dualenc.plugins / dualenc.data_tools needs an install, not a path.
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
-    export PYTHONPATH="/tmp/site:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+    local src=""
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+        # No setuptools/pip build there: the same package layout as links (dualenc/ + plugins/ and
+        # data_tools/ as dualenc.plugins / dualenc.data_tools), on PYTHONPATH.
+        echo "editable install failed: using a linked package tree in /tmp/dualenc_src instead"
+        src=/tmp/dualenc_src
+        rm -rf "$src" && mkdir -p "$src/dualenc"
+        for f in "$PWD"/dualenc/*; do ln -s "$f" "$src/dualenc/"; done
+        ln -s "$PWD/plugins" "$src/dualenc/plugins" && ln -s "$PWD/data_tools" "$src/dualenc/data_tools"
+    fi
+    export PYTHONPATH="/tmp/site${src:+:$src}:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
     if [ -d .whl/tokenizer ]; then export DUALENC_BENCH_TOKENIZER="$PWD/.whl/tokenizer"; fi
     "$PY" -c "import torch; assert torch.cuda.is_available() or '${GPU_CHECKS_DRY:-}', 'no CUDA device: these checks need a GPU'"
     "$PY" -c "import torch, lightning, timm, transformers, dualenc.plugins, dualenc.data_tools; print('torch', \
@@ -154,6 +163,7 @@ run_phases() {
         pack
     done
     pack
+    rm -rf "$WORK"  # everything is in the tarball
     echo "== done in ${SECONDS}s; results: $OUT_DIR/gpu_results.tar.gz (untar in the repo root)"
     cat "$OUT_DIR/phases.jsonl"
 }

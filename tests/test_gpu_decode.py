@@ -145,3 +145,18 @@ def test_byte_collate_keeps_bytes_and_crops_on_the_host() -> None:
     batch = ByteCollate(None, Counter())(samples)
     assert batch["jpeg"] == [b"\xff\xd8"] * 2 and batch["crop"] == [(0, 0, 4, 4, 0), (0, 0, 4, 4, 1)]
     assert not any(isinstance(v, torch.Tensor) for v in (batch["jpeg"][0], batch["crop"][0]))
+
+
+def test_worker_side_pickles_for_loader_processes() -> None:
+    import pickle
+
+    from dualenc.data.gpu_decode import byte_preprocessing
+
+    decoder, params, collate = byte_preprocessing(CFG, {"caption_key": "txt"}, {"scale": (0.08, 1.0), "hflip": 0.5},
+                                                  None, None)
+    decoder2, params2, _ = pickle.loads(pickle.dumps((decoder, params, collate)))
+    random.seed(3), torch.manual_seed(3)
+    a = params(decoder({"__key__": "k", "jpg": _photo(300, 200, 3), "txt": b"x"})["image"])
+    random.seed(3), torch.manual_seed(3)
+    b = params2(decoder2({"__key__": "k", "jpg": _photo(300, 200, 3), "txt": b"x"})["image"])
+    assert (a.crop, a.flip) == (b.crop, b.flip)
