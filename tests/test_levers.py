@@ -276,3 +276,12 @@ def test_adamw_fused_and_foreach_match_the_plain_update(tiny_model: DualEncoder,
     with pytest.raises(ValueError, match="exclusive"):
         DualEncoderModule(tiny_model, optimizer=OptimizerConfig(fused=True, foreach=True),
                           scheduler=SchedulerConfig(total_steps=10)).configure_optimizers()
+
+
+def test_token_length_is_static_for_cuda_graphs(tiny_text_tower) -> None:
+    """CUDA graphs (compile_mode: reduce-overhead) replay one shape: every batch's text has exactly
+    context_length tokens, however short or long its captions."""
+    tok = tiny_text_tower.tokenizer_fn()
+    for texts in (["a"], ["a dog", "x"], [" ".join(["word"] * 200)] * 3):
+        batch = tok(texts)
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (len(texts), 16)
