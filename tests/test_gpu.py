@@ -103,3 +103,10 @@ def test_gpu_decode_matches_the_cpu_decode_cuda() -> None:
     assert gpu.is_cuda and gpu.dtype == torch.uint8 and gpu.shape == cpu.shape
     diff = (gpu.cpu().int() - cpu.int()).abs().float()
     assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_gpu_decode_fit_cuda(tmp_path: Path, demo_data: Path) -> None:
+    """`dualenc fit` with data.gpu_decode: workers ship bytes, nvJPEG decodes on the GPU."""
+    _fit(tmp_path, demo_data, "--trainer.precision", "bf16-mixed", "--data.gpu_decode", "true")
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4

@@ -160,3 +160,30 @@ def test_worker_side_pickles_for_loader_processes() -> None:
     random.seed(3), torch.manual_seed(3)
     b = params2(decoder2({"__key__": "k", "jpg": _photo(300, 200, 3), "txt": b"x"})["image"])
     assert (a.crop, a.flip) == (b.crop, b.flip)
+
+
+def test_trainer_fits_with_gpu_decode_and_a_loader_worker(demo_data: Path, tiny_image_tower) -> None:
+    """Lightning's loop with the byte path: a worker process ships bytes + crops, the batch is decoded
+    in on_after_batch_transfer (on the CPU here, nvJPEG on a GPU) and the model trains on it."""
+    import lightning as L
+
+    from conftest import TINY_BERT
+    from dualenc.data.datamodule import WebDataModule
+    from dualenc.model import DualEncoder
+    from dualenc.module import DualEncoderModule
+    from dualenc.towers import HFTextTower
+
+    text = HFTextTower(config=dict(TINY_BERT), tokenizer=str(demo_data / "tokenizer"), context_length=16)
+    module = DualEncoderModule(DualEncoder(tiny_image_tower, text, embed_dim=16))
+    seen = []
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append((batch["image"].dtype, tuple(batch["image"].shape), "jpeg" in batch))
+
+    dm = WebDataModule(train=str(demo_data / "train"), batch_size=8, num_workers=1, gpu_decode=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Check()])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert seen == [(torch.float32, (8, 3, 32, 32), False)] * 2
