@@ -64,7 +64,7 @@ copy_out() {
     if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp "$@" "$OUT"/ 2>/dev/null || true; fi
 }
 
-# name | time limit (s) | command (GPU) ; the DRY variant is derived in phase_cmd
+# The phases of `all`, by value, and each one's time limit in seconds on the GPU (phase_run: commands).
 PHASES=(ceiling eager-effnet_b0-bert eager-vit_b16-bert eager-vit_b32 compiled-vit_b16-bert
         compiled-effnet_b0-bert tests retrieval decode lever-fused-loss lever-cudagraphs
         lever-compile-towers lever-foreach)
@@ -133,7 +133,10 @@ run_phases() {
     : >"$OUT_DIR/phases.jsonl"
     export -f phase_run train_step compiled
     export PY DRY RESULTS_DIR
-    setup_site 2>&1 | tee "$WORK/logs/setup.log"
+    # Not in a pipeline (that would be a subshell, and setup_site's exports would be lost); set -e
+    # stops the run if the set-up fails, and setup.log comes back in $OUT either way.
+    setup_site > >(tee "$OUT_DIR/setup.log") 2>&1
+    echo "PYTHONPATH=$PYTHONPATH"  # the phases see setup_site's exports
     for name in "$@"; do
         limit=${LIMIT[$name]:-120}
         if [ -n "$DRY" ]; then
