@@ -75,9 +75,10 @@ declare -A LIMIT=([ceiling]=45 [eager-effnet_b0-bert]=100 [eager-vit_b16-bert]=1
 
 train_step() {  # config, then flags; DRY: the tiny CPU config through the same flags
     local config=$1; shift
+    local tag="$*"; tag=${tag// /}
     if [ -n "$DRY" ]; then
         "$PY" bench/bench_train_step.py --config tiny-cpu --device cpu --batch-size 2 --steps 1 --warmup 1 \
-            --windows 1 --out "$RESULTS_DIR/train_step_dry_${config}${*// /}.json" "$@"
+            --windows 1 --out "$RESULTS_DIR/train_step_dry_${config}${tag}.json" "$@"
     else
         "$PY" bench/bench_train_step.py --config "$config" "$@"
     fi
@@ -112,7 +113,7 @@ pack() {  # everything so far -> $OUT_DIR/gpu_results.tar.gz, atomically
     mapfile -t files < <(find "$RESULTS_DIR" -maxdepth 1 -type f -name '*.json' -newer "$WORK/start" 2>/dev/null | sort)
     mkdir -p "$WORK/pack/bench/results/gpu_logs"
     cp "${files[@]}" "$WORK/pack/bench/results/" 2>/dev/null || true
-    cp "$WORK"/logs/*.log "$OUT_DIR/phases.jsonl" "$WORK/pack/bench/results/gpu_logs/" 2>/dev/null || true
+    cp "$WORK"/logs/*.log "$OUT_DIR/setup.log" "$OUT_DIR/phases.jsonl" "$WORK/pack/bench/results/gpu_logs/" 2>/dev/null || true
     tar czf "$OUT_DIR/.gpu_results.tmp" -C "$WORK/pack" bench && mv "$OUT_DIR/.gpu_results.tmp" "$OUT_DIR/gpu_results.tar.gz"
 }
 
