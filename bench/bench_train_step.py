@@ -253,6 +253,14 @@ def variant(result: dict[str, Any]) -> str:
     parts = []
     if s["compile"]:
         parts.append("compile")
+    if s.get("compile_step"):
+        parts.append("cstep")
+    if s.get("compile_mode"):
+        parts.append({"reduce-overhead": "cudagraphs"}.get(s["compile_mode"], s["compile_mode"]))
+    if s.get("fused_loss"):
+        parts.append("fusedloss")
+    if s.get("foreach"):
+        parts.append("foreach")
     if s["grad_checkpointing"]:
         parts.append("ckpt")
     if s["grad_cache_chunks"]:
@@ -270,6 +278,17 @@ def variant(result: dict[str, Any]) -> str:
     if not s.get("dualenc_prog_bar_metrics", True):
         parts.append("noprogbar")
     return "".join("_" + p for p in parts)
+
+
+def measured_ceiling(spec: str | None) -> float | None:
+    """FLOP/s of this GPU's bf16 matmul ceiling: ``spec`` (a bench_matmul.py JSON or TFLOP/s) or the
+    ceiling file of this device in bench/results; None if there is none."""
+    if spec is None:
+        path = RESULTS / f"matmul_ceiling_{slug(torch.device('cuda'))}.json"
+        return json.loads(path.read_text())["ceiling_flops"] if path.is_file() else None
+    if os.path.isfile(spec):
+        return float(json.loads(Path(spec).read_text())["ceiling_flops"])
+    return float(spec) * 1e12
 
 
 def versions() -> dict[str, str]:
@@ -305,7 +324,8 @@ class Timings:
     steps: list[int] = field(default_factory=list)
     peak_bytes: int = 0  # CUDA: max_memory_allocated over this framework's windows
 
-    def summary(self, batch_size: int, flops: int, peak_flops: float | None) -> dict[str, Any]:
+    def summary(self, batch_size: int, flops: int, peak_flops: float | None,
+                ceiling_flops: float | None = None) -> dict[str, Any]:
         # Headline figures use the median window (robust to a noisy neighbour); the mean over all
         # timed steps is kept beside them.
         per_window_ms = [1e3 * s / n for s, n in zip(self.seconds, self.steps)]
@@ -316,6 +336,8 @@ class Timings:
                "step_ms_windows": per_window_ms, "flops_per_step": flops, "flops_per_s": flops / step_s}
         if peak_flops:
             out["mfu"] = flops / step_s / peak_flops
+        if ceiling_flops:  # the same FLOP/s against this machine's measured bf16 matmul rate
+            out["mfu_vs_measured_ceiling"] = flops / step_s / ceiling_flops
         return out
 
 
@@ -453,7 +475,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     module_params = inspect.signature(DualEncoderModule.__init__).parameters
     extra: dict[str, Any] = {}
     for flag, name, value in (("--compile", "compile_towers", args.compile),
-                              ("--grad-cache-chunks", "grad_cache_chunks", args.grad_cache_chunks)):
+                              ("--grad-cache-chunks", "grad_cache_chunks", args.grad_cache_chunks),
+                              ("--compile-step", "compile_step", args.compile_step),
+                              ("--compile-mode", "compile_mode", args.compile_mode),
+                              ("--fused-loss", "fused_loss", args.fused_loss)):
         if value:
             if name not in module_params:
                 raise SystemExit(f"{flag}: this dualenc's DualEncoderModule has no `{name}` argument")
@@ -486,7 +511,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     oc_model.zero_grad(set_to_none=True)
 
-    opt_cfg = OptimizerConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, fused=cuda)
+    opt_cfg = OptimizerConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, fused=cuda and not args.foreach,
+                              **({"foreach": True} if args.foreach else {}))
     total = warmup + steps
     module_cls = no_prog_bar(DualEncoderModule) if args.no_prog_bar else DualEncoderModule
     module = module_cls(
@@ -495,7 +521,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         grad_checkpointing=args.grad_checkpointing, **extra)
     if args.grad_checkpointing:
         oc_model.set_grad_checkpointing(True)
-    if args.compile:  # per tower, as dualenc's compile_towers (open_clip_train compiles the whole model)
+    if args.compile_step:  # the whole model, as open_clip_train's --torchcompile (its default mode)
+        oc_model.compile()
+    elif args.compile:  # per tower, as dualenc's compile_towers (open_clip_train compiles the whole model)
         oc_model.visual.compile()
         if hasattr(oc_model, "text"):  # CustomTextCLIP
             oc_model.text.compile()
@@ -516,8 +544,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(module, train_dataloaders=RepeatBatch(batch, total + 1))
     wall = time.perf_counter() - wall
 
-    de = de_t.summary(batch_size, flops["dualenc"], peak)
-    oc = oc_t.summary(batch_size, flops["open_clip"], peak)
+    ceiling = measured_ceiling(args.ceiling) if cuda or args.ceiling else None
+    de = de_t.summary(batch_size, flops["dualenc"], peak, ceiling)
+    oc = oc_t.summary(batch_size, flops["open_clip"], peak, ceiling)
     if cuda:
         de_res, oc_res = resident_bytes(module.model), resident_bytes(oc_model)
         # Both models stay on the GPU, so each peak includes the other's resident state; subtract it.
@@ -538,11 +567,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": batch_size, "tokens": args.tokens, "image_size": cfg.image_size, "embed_dim": cfg.embed_dim,
             "precision": "bf16 autocast" if bf16 else "fp32", "steps": steps, "warmup": warmup, "windows": windows,
             "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+            "compile_step": args.compile_step, "compile_mode": args.compile_mode, "fused_loss": args.fused_loss,
+            "foreach": args.foreach, "measured_ceiling_flops": ceiling,
+            "open_clip_compile": "whole model" if args.compile_step else "per tower" if args.compile else None,
             "grad_cache_chunks": args.grad_cache_chunks, "channels_last": channels_last,
             "order": "open_clip window first" if args.open_clip_first else "dualenc window first",
             "dualenc_prog_bar_metrics": not args.no_prog_bar,
             "dualenc_sync_free_mask": sync_free_mask,
-            "optimizer": {**asdict(opt_cfg), "fused": cuda},
+            "optimizer": asdict(opt_cfg),
             "float32_matmul_precision": torch.get_float32_matmul_precision(), "peak_flops": peak,
             "attention": {"dualenc": "sdpa", "open_clip": open_clip_attention(oc_model)},
             "open_clip_loop": "zero_grad, autocast fwd, ClipLoss(cache_labels), backward, step, clamp logit_scale",
@@ -576,6 +608,8 @@ def report(r: dict[str, Any]) -> str:
         mem = (f", peak {x['peak_mem_mb']:.0f} MiB (alone ~{x['peak_mem_alone_est_mb']:.0f})"
                if "peak_mem_mb" in x else "")
         mfu = f", MFU {100 * x['mfu']:.1f}%" if "mfu" in x else ""
+        if "mfu_vs_measured_ceiling" in x:
+            mfu += f" ({100 * x['mfu_vs_measured_ceiling']:.1f}% of the measured ceiling)"
         lines.append(f"  {name:9s} {x['samples_per_s']:9.1f} samples/s  {x['step_ms']:8.1f} ms/step (median window; "
                      f"mean {x['step_ms_mean']:.1f})  "
                      f"{x['flops_per_step'] / 1e9:9.1f} GFLOP/step  {x['flops_per_s'] / 1e12:7.3f} TFLOP/s{mfu}{mem}")
@@ -606,6 +640,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dualenc only (open_clip has no gradient cache): embed in this many chunks")
     p.add_argument("--peak-flops", type=float, default=None,
                    help=f"device peak FLOP/s for MFU (default: {H100_BF16_DENSE:.4g} with CUDA + bf16, else none)")
+    p.add_argument("--compile-step", action="store_true",
+                   help="dualenc: torch.compile the whole step (towers + loss + gather; compile_step); "
+                        "open_clip: the whole model, as open_clip_train --torchcompile")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="dualenc's compile_mode (reduce-overhead: CUDA graphs); needs --compile or --compile-step")
+    p.add_argument("--fused-loss", action="store_true", help="dualenc's one-pass contrastive loss (fused_loss)")
+    p.add_argument("--foreach", action="store_true", help="dualenc: foreach AdamW instead of fused")
+    p.add_argument("--ceiling", help="measured bf16 matmul ceiling: a bench_matmul.py JSON or TFLOP/s (adds "
+                   "mfu_vs_measured_ceiling; default on CUDA: bench/results/matmul_ceiling_<gpu>.json if present)")
     p.add_argument("--sync-free-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="dualenc's BERT gets a 4D padding mask (no per-forward mask.all() host read); "
                         "default: on for the bidirectional text towers")

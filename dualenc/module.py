@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from dualenc.distributed import gather_features, world_info
 from dualenc.gradcache import grad_cache_backward
 from dualenc.losses import get_loss
-from dualenc.model import DualEncoder
+from dualenc.model import DualEncoder, DualEncoderOutput
 
 
 @dataclass
@@ -27,6 +27,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     fused: bool | None = None  # None: fused on CUDA, plain elsewhere
+    foreach: bool | None = None  # multi-tensor kernels (torch's default when not fused); exclusive with fused
 
 
 @dataclass
@@ -69,6 +70,16 @@ class DualEncoderModule(L.LightningModule):
             gradients equal the full batch's. Uses manual optimization: set the clipping value with
             ``grad_cache_clip`` (Lightning's ``gradient_clip_val`` must stay unset).
         grad_cache_clip: gradient-norm clipping under the gradient cache.
+        compile_step: ``torch.compile`` the whole forward of the training step (towers, projections,
+            the cross-rank gather and the loss) as one graph instead of each tower on its own, so the
+            loss and the normalization fuse with the towers' tails. Exclusive with ``compile_towers``.
+        compile_mode: ``torch.compile`` mode for ``compile_towers`` / ``compile_step``: ``default``,
+            ``reduce-overhead`` (CUDA graphs: needs static shapes, i.e. a fixed batch size and text
+            length; the tokenizer pads to ``context_length``, keep ``drop_last``-style full batches) or
+            ``max-autotune``.
+        fused_loss: compute the contrastive loss in one pass (one logits matrix for both directions on
+            a single process, log-sum-exp instead of ``cross_entropy``; ``siglip``: softplus without
+            the label matrix). Same value and gradients as the default path.
     """
 
     def __init__(
@@ -85,6 +96,9 @@ class DualEncoderModule(L.LightningModule):
         compile_towers: bool = False,
         grad_cache_chunks: int | None = None,
         grad_cache_clip: float | None = None,
+        compile_step: bool = False,
+        compile_mode: str | None = None,
+        fused_loss: bool = False,
     ) -> None:
         super().__init__()
         # Modules are not hyperparameters: they must not be pickled into checkpoints.
@@ -123,9 +137,19 @@ class DualEncoderModule(L.LightningModule):
             self.automatic_optimization = False
         self.grad_cache_chunks = grad_cache_chunks
         self.grad_cache_clip = grad_cache_clip
+        if compile_step and (compile_towers or grad_cache_chunks is not None):
+            raise ValueError("compile_step compiles the whole step: it cannot be combined with compile_towers "
+                             "or grad_cache_chunks (set only one)")
+        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode must be default, reduce-overhead, max-autotune or "
+                             f"max-autotune-no-cudagraphs, got {compile_mode!r}")
+        if compile_mode is not None and not (compile_towers or compile_step):
+            raise ValueError("compile_mode needs compile_towers or compile_step")
+        self.compile_step, self.compile_mode, self.fused_loss = compile_step, compile_mode, fused_loss
+        self._compiled_step: Any = None  # built on first use (a compiled function does not pickle)
         if compile_towers:
-            model.image_tower.compile()
-            model.text_tower.compile()
+            model.image_tower.compile(mode=compile_mode)
+            model.text_tower.compile(mode=compile_mode)
         self._skipped: dict[str, dict[int, dict[str, int]]] = {"train": {}, "val": {}, "test": {}}
 
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -135,13 +159,36 @@ class DualEncoderModule(L.LightningModule):
                          logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> torch.Tensor:
         """The configured loss of this rank's rows against the batch gathered from all ranks."""
         all_img, all_txt, offset = gather_features(image_features, text_features)
-        kwargs = {"label_smoothing": self.label_smoothing} if not self.loss_spec.uses_bias else {}
+        kwargs: dict[str, Any] = {"label_smoothing": self.label_smoothing} if not self.loss_spec.uses_bias else {}
+        if self.fused_loss:
+            kwargs["fused"] = True
         return self.loss_spec.fn(image_features, text_features, logit_scale, logit_bias,
                                  all_image_features=all_img, all_text_features=all_txt, offset=offset, **kwargs)
 
+    def _forward_loss(self, image: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, DualEncoderOutput]:
+        out = self.model(image, input_ids, attention_mask)
+        return self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias), out
+
+    def _step_forward(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, DualEncoderOutput]:
+        """Model + loss; under ``compile_step`` one compiled graph (training only: eval stays eager)."""
+        args = (batch["image"], batch["input_ids"], batch["attention_mask"])
+        if not (self.compile_step and train):
+            return self._forward_loss(*args)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._forward_loss, mode=self.compile_mode)
+        graphs = self.compile_mode in ("reduce-overhead", "max-autotune")
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be overwritten
+        loss, out = self._compiled_step(*args)
+        if graphs:  # CUDA-graph outputs live in its pool until the next replay: keep our own copies
+            loss = loss.clone()
+            out = DualEncoderOutput(out.image_features.clone(), out.text_features.clone(), out.logit_scale.clone(),
+                                    None if out.logit_bias is None else out.logit_bias.clone())
+        return loss, out
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        out = self(batch)
-        loss = self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        loss, out = self._step_forward(batch, stage == "train")
         bs = batch["image"].shape[0]
         for plugin in self.plugins:
             for name, term in plugin.training_losses(batch, out).items():
@@ -210,10 +257,6 @@ class DualEncoderModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_sets("test")
 
-    def on_validation_epoch_end(self) -> None:
-        # `dualenc validate` reports the eval sets; during fit EvalCallback runs them on its own schedule.
-        if self.trainer.state.fn == "validate":
-            self._log_eval_sets("val")
 
     def eval_suite(self) -> Any:
         """The eval sets of ``data.eval_sets``, else those of an ``EvalCallback`` (None if neither)."""
@@ -262,6 +305,9 @@ class DualEncoderModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_skips("val", "data/val_skipped_")
+        # `dualenc validate` reports the eval sets; during fit EvalCallback runs them on its own schedule.
+        if self.trainer.state.fn == "validate":
+            self._log_eval_sets("val")
 
     def _log_skips(self, stage: str, prefix: str) -> None:
         """This epoch's skip counts of one split, summed over workers here and over ranks by the log."""
@@ -288,10 +334,12 @@ class DualEncoderModule(L.LightningModule):
         for p in self.plugins.parameters():  # plugin maps (e.g. an orthogonal Q) are not decayed
             if p.requires_grad:
                 plain.append(p)
-        fused = cfg.fused if cfg.fused is not None else torch.cuda.is_available()
+        fused = cfg.fused if cfg.fused is not None else (torch.cuda.is_available() and not cfg.foreach)
+        if fused and cfg.foreach:
+            raise ValueError("optimizer.fused and optimizer.foreach are exclusive: set one of them")
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None, foreach=cfg.foreach,
         )
         s = self.sched_cfg
         total = s.total_steps or int(self.trainer.estimated_stepping_batches)

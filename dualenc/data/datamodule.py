@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
 from dualenc.data.evalsets import EvalSets, as_eval_sets
+from dualenc.data.gpu_decode import byte_preprocessing, decode_batch
 from dualenc.data.sources import expand_urls, shard_counts
 from dualenc.data.stream import ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
@@ -168,6 +169,8 @@ class WebDataModule(L.LightningDataModule):
         interpolation: resize filter instead of the tower's data config's (``bilinear`` is cheaper
             than ``bicubic``; a pretrained tower was trained with its own).
         max_pixels: larger images are skipped (decompression bombs).
+        gpu_decode: training workers only read bytes and draw crop parameters; JPEG decode (nvJPEG),
+            random resized crop, resize and flip run on the device (``dualenc.data.gpu_decode``).
         seed: shuffling seed.
         test / test_samples: shards (and their sample count) whose contrastive loss ``dualenc test``
             reports as ``test/loss``, beside the eval sets.
@@ -202,6 +205,7 @@ class WebDataModule(L.LightningDataModule):
         test_samples: int | None = None,
         predict: str | None = None,
         eval_sets: EvalSets | None = None,
+        gpu_decode: bool = False,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -215,6 +219,8 @@ class WebDataModule(L.LightningDataModule):
         if draft_crop_scale is not None and not 0 < draft_crop_scale <= 1:
             raise ValueError(f"draft_crop_scale must be in (0, 1], got {draft_crop_scale}")
         self.draft_crop_scale = draft_crop_scale
+        self.gpu_decode = gpu_decode
+        self._gpu_crop: Any = None  # the crop spec (size, filter) of the GPU decode path, once built
         self.data_config: dict[str, Any] | None = None
         self.tokenize: Callable | None = None
         # Fail at construction, not hours later, when a pattern matches nothing.
@@ -273,9 +279,14 @@ class WebDataModule(L.LightningDataModule):
                               f"worker on {world} rank(s) x {workers} worker(s); lower --data.batch_size or "
                               "--data.num_workers")
         decoder, transform = self.preprocessing(train)
+        collate = Collate(self.tokenize, decoder.skipped)
+        if train and self.gpu_decode:
+            decoder, transform, collate = byte_preprocessing(self.data_config, self.decoder_args, self.aug,
+                                                             self.interpolation, self.tokenize)
+            self._gpu_crop = transform
         stream = ShardStream(
             sources, decoder, decoder.wanted, decoder.skipped, transform,
-            Collate(self.tokenize, decoder.skipped), self.batch_size, per_worker, rank, world,
+            collate, self.batch_size, per_worker, rank, world,
             shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed)
         return StreamLoader(stream, num_workers, self._epoch)
 
@@ -294,6 +305,11 @@ class WebDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images (``uint8_images``) -> float, normalized with the tower's mean/std, on the device."""
+        if isinstance(batch, dict) and "jpeg" in batch:  # gpu_decode: encoded images -> uint8 on the device
+            device = batch["input_ids"].device if "input_ids" in batch else self.trainer.strategy.root_device
+            crop = self._gpu_crop
+            batch["image"] = decode_batch(batch.pop("jpeg"), batch.pop("crop"), crop.size, crop.interpolation,
+                                          device, batch.pop("jpeg_is_jpeg"))
         image = batch.get("image") if isinstance(batch, dict) else None
         if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
             batch["image"] = normalize_uint8(image, self.data_config["mean"], self.data_config["std"])
