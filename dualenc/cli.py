@@ -17,7 +17,7 @@ from typing import Callable
 
 import yaml
 
-from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.clihelp import DefaultsParser
 from dualenc.errors import ConfigError, UserError, message, pop_debug, run_guarded
 
 BASE_KEY = "__base__"
@@ -186,8 +186,8 @@ def cmd_export(argv: list[str]) -> int:
     from dualenc.checkpoint import load_checkpoint_file
     from dualenc.export import export_model
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc export", description="Export a Lightning checkpoint's model "
-                                "as safetensors + config, loadable with dualenc.export.load_model.")
+    p = DefaultsParser(prog="dualenc export", description="Export a Lightning checkpoint's model "
+                       "as safetensors + config, loadable with dualenc.export.load_model.")
     p.add_argument("--config", action="append", required=True, help="the training config(s)")
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True)
