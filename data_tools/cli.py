@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.clihelp import DefaultsParser
 from dualenc.errors import UserError, pop_debug, run_guarded
 
 # name -> (help, add_arguments, run). run returns the exit code. New subcommands (build,
@@ -116,7 +116,8 @@ def _run_build(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s; report: {args.out}/build_report.json")
     if report["written"] == 0:
         hint = ""
-        if args.table and not args.image_root and any(k in report["skipped"] for k in ("missing_file", "missing_image")):
+        missing = any(k in report["skipped"] for k in ("missing_file", "missing_image"))
+        if args.table and not args.image_root and missing:
             hint = "; relative image paths start at the table's folder: point --image-root at the images"
         return _nothing_written("build", report["rows"], report["skipped"], hint)
     return 0
@@ -246,13 +247,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser(prog: str = "dualenc-data") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog=prog,
-                                     description="Dataset tools for dualenc. --debug (or DUALENC_DEBUG=1) shows "
-                                     "the traceback of an error.")
+    parser = DefaultsParser(prog=prog, description="Dataset tools for dualenc. --debug (or DUALENC_DEBUG=1) "
+                            "shows the traceback of an error.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text,
-                                     formatter_class=DefaultsHelpFormatter))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 

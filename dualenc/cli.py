@@ -6,7 +6,6 @@ first and the file's keys override it, so each shipped config is a short overrid
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import os
@@ -17,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.clihelp import DefaultsParser
 from dualenc.errors import ConfigError, UserError, message, pop_debug, run_guarded
 
 BASE_KEY = "__base__"
@@ -186,10 +185,10 @@ def cmd_export(argv: list[str]) -> int:
     from dualenc.checkpoint import load_checkpoint_file
     from dualenc.export import export_model
 
-    p = argparse.ArgumentParser(prog="dualenc export", description="Export a Lightning checkpoint's model (or "
-                                "convert a dualenc export) as safetensors + config: dualenc's format "
-                                "(dualenc.export.load_model) or open_clip's (open_clip.create_model_and_transforms("
-                                "'local-dir:DIR')).", formatter_class=DefaultsHelpFormatter)
+    p = DefaultsParser(prog="dualenc export", description="Export a Lightning checkpoint's model (or "
+                       "convert a dualenc export) as safetensors + config: dualenc's format "
+                       "(dualenc.export.load_model) or open_clip's (open_clip.create_model_and_transforms("
+                       "'local-dir:DIR')).")
     p.add_argument("--config", action="append", help="the training config(s)")
     p.add_argument("--ckpt_path")
     p.add_argument("--model", help="instead of --config/--ckpt_path: a dualenc export directory to convert")

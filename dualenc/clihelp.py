@@ -30,6 +30,13 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action(action)
 
 
-def parser(prog: str, **kwargs) -> argparse.ArgumentParser:
-    """``argparse.ArgumentParser`` with :class:`DefaultsHelpFormatter`."""
-    return argparse.ArgumentParser(prog=prog, formatter_class=DefaultsHelpFormatter, **kwargs)
+class DefaultsParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose help (and its subcommands' help) shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("parser_class", DefaultsParser)
+        return super().add_subparsers(**kwargs)

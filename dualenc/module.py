@@ -260,7 +260,10 @@ class DualEncoderModule(L.LightningModule):
 
     def eval_suite(self) -> Any:
         """The eval sets of ``data.eval_sets``, else those of an ``EvalCallback`` (None if neither)."""
-        trainer = self._trainer
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
         if trainer is None:
             return None
         make = getattr(trainer.datamodule, "eval_suite", None)

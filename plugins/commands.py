@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.clihelp import DefaultsParser
 from dualenc.errors import ConfigError, UserError, debug_wanted, message
 
 
@@ -217,13 +217,13 @@ def _embed_exports(a: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc align", description="Move embeddings between models: fit, apply "
-                                "and evaluate maps (Procrustes, whitening, MNN-Procrustes, vec2vec).")
+    p = DefaultsParser(prog="dualenc align", description="Move embeddings between models: fit, apply "
+                       "and evaluate maps (Procrustes, whitening, MNN-Procrustes, vec2vec).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("list", formatter_class=DefaultsHelpFormatter, help="list map methods and target kinds")
+    s = sub.add_parser("list", help="list map methods and target kinds")
     s.set_defaults(fn=cmd_list)
 
-    s = sub.add_parser("embed", formatter_class=DefaultsHelpFormatter, help="embed texts and/or image shards with a target model")
+    s = sub.add_parser("embed", help="embed texts and/or image shards with a target model")
     s.add_argument("--target", required=True, help="target kind: dualenc, open_clip, hf_clip, ...")
     s.add_argument("--target-args", help="JSON object of the target's arguments")
     s.add_argument("--texts", help="a text file, one text per line")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .safetensors")
     s.set_defaults(fn=cmd_embed)
 
-    s = sub.add_parser("fit", formatter_class=DefaultsHelpFormatter, help="fit a map from embedding files")
+    s = sub.add_parser("fit", help="fit a map from embedding files")
     s.add_argument("--method", required=True, help="procrustes, whitening, mnn_procrustes, vec2vec, ...")
     s.add_argument("--source", required=True, help="source embeddings (paired rows with --target for procrustes)")
     s.add_argument("--target", help="target embeddings (none for whitening)")
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output map .safetensors")
     s.set_defaults(fn=cmd_fit)
 
-    s = sub.add_parser("apply", formatter_class=DefaultsHelpFormatter, help="map embeddings with a fitted map")
+    s = sub.add_parser("apply", help="map embeddings with a fitted map")
     s.add_argument("--map", required=True)
     s.add_argument("--input", required=True, help="embeddings of the map's source model")
     s.add_argument("--model", help="input model name when the file does not record it")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".safetensors (keeps keys) or .npy")
     s.set_defaults(fn=cmd_apply)
 
-    s = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="cross-model metrics and the backward-compatibility criterion of a map, on "
+    s = sub.add_parser("eval", help="cross-model metrics and the backward-compatibility criterion of a map, on "
                        "paired embeddings of both models (or shards embedded by two exports)")
     s.add_argument("--map", required=True)
     s.add_argument("--source", required=True, help="the map's source (the new model): an embeddings file, or with "

@@ -143,7 +143,8 @@ def test_default_loggers_keep_the_csv_and_add_tensorboard(tmp_path: Path) -> Non
 
     csv, tb = default_loggers(str(tmp_path))
     assert isinstance(csv, CSVLogger) and isinstance(tb, TensorBoardLogger)
-    assert Path(csv.log_dir).parent == tmp_path / "lightning_logs" and Path(tb.log_dir).parent == tmp_path / "tensorboard"
+    assert Path(csv.log_dir).parent == tmp_path / "lightning_logs"
+    assert Path(tb.log_dir).parent == tmp_path / "tensorboard"
 
 
 @pytest.mark.parametrize("fragment, logger", [("tensorboard", "TensorBoardLogger"), ("wandb", "WandbLogger")])

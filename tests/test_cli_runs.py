@@ -168,7 +168,8 @@ def test_incomplete_checkpoint_through_the_cli(tmp_path: Path, demo_data: Path, 
     assert main(["fit", "--config", str(cfg), f"--ckpt_path={ckpt / 'last.ckpt'}"]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {ckpt / 'last.ckpt'} is empty" in err and f"--ckpt_path {ckpt / 'epoch=0-step=2.ckpt'}" in err
-    assert main(["export", "--config", str(cfg), "--ckpt_path", str(ckpt / "last.ckpt"), "--out", str(tmp_path / "e")]) == 2
+    export = ["export", "--config", str(cfg), "--ckpt_path", str(ckpt / "last.ckpt"), "--out", str(tmp_path / "e")]
+    assert main(export) == 2
     assert "incomplete" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ from dualenc.eval.zeroshot import build_classifier, zeroshot_metrics
 from dualenc.export import export_model, load_model
 from dualenc.plugins import crossmodel
 from dualenc.plugins.embeddings import load_embeddings
-from dualenc.plugins.mapfile import MapMeta, MapMismatchError
+from dualenc.plugins.mapfile import MapMeta
 from dualenc.plugins.maps import load_map
 from dualenc.plugins.procrustes import OrthogonalMap
 from dualenc.plugins.synthetic import random_orthogonal
@@ -173,10 +173,12 @@ def test_align_eval_backward_compatibility_matches_library(setup, capsys) -> Non
     assert "export directories" in capsys.readouterr().err
 
 
-def test_cross_model_bad_input(setup) -> None:
+def test_cross_model_bad_input(setup, capsys) -> None:
     root = setup["root"]
-    with pytest.raises(MapMismatchError, match="not a map between"):
-        _retrieval(setup, "--text-model", str(setup["rot"]), "--map", str(root / "a2b.safetensors"))
+    # A user error through the CLI: one line, exit 2 (MapMismatchError is a ValueError).
+    assert main(["retrieval", "--model", str(setup["a"]), "--data", str(root / "caps"), "--workers", "0",
+                 "--text-model", str(setup["rot"]), "--map", str(root / "a2b.safetensors")]) == 2
+    assert "not a map between" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --map without --text-model
         _retrieval(setup, "--map", str(root / "a2b.safetensors"))
     with pytest.raises(SystemExit):  # embedding directories take no map

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from dualenc.clihelp import DefaultsHelpFormatter
+from dualenc.clihelp import DefaultsParser
 from dualenc.progress import sample_total
 
 
@@ -73,10 +73,10 @@ def cmd_zeroshot(argv: list[str]) -> int:
     from dualenc.eval.suite import data_folder, prompt_sources
     from dualenc.eval.zeroshot import build_classifier, zeroshot_metrics
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc zeroshot", description="Zero-shot classification of labelled images: "
-                                "shards in CLIP_benchmark's layout (.jpg + .cls, classnames.txt and "
-                                "zeroshot_classification_templates.txt beside them; e.g. the demo's heldout/), "
-                                "or an image folder (one subfolder per class).")
+    p = DefaultsParser(prog="dualenc zeroshot", description="Zero-shot classification of labelled images: "
+                       "shards in CLIP_benchmark's layout (.jpg + .cls, classnames.txt and "
+                       "zeroshot_classification_templates.txt beside them; e.g. the demo's heldout/), "
+                       "or an image folder (one subfolder per class).")
     _model_args(p)
     p.add_argument("--data", required=True, help="a CLIP_benchmark root (root/test/*.tar with classnames.txt and "
                    "zeroshot_classification_templates.txt in root/), a shard spec (directory, brace pattern, glob) "
@@ -155,9 +155,9 @@ def cmd_retrieval(argv: list[str]) -> int:
     from dualenc.eval.suite import CURVE_KS, data_folder
     from dualenc.eval.topk_recall import DEFAULT_TIES, TIES, retrieval_report
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
-                                "median rank. Images own every caption line of their caption member "
-                                "(CLIP_benchmark's layout); ranks are exact, computed in bounded memory.")
+    p = DefaultsParser(prog="dualenc retrieval", description="Image<->text retrieval: Recall@K, mean and "
+                       "median rank. Images own every caption line of their caption member "
+                       "(CLIP_benchmark's layout); ranks are exact, computed in bounded memory.")
     _model_args(p)
     p.add_argument("--data", help="image + caption shards, or a CLIP_benchmark retrieval root (root/test/*.tar)")
     p.add_argument("--caption-key", default="txt")
@@ -260,10 +260,10 @@ def cmd_embed(argv: list[str]) -> int:
     from dualenc.eval.embed import SOURCES, embed_to_dir
     from dualenc.eval.store import FILE_FORMATS
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc embed", description="Embed images or texts into a directory of "
-                                "sharded vectors with ids and a manifest.json (for an index, `dualenc compose` or "
-                                "`dualenc retrieval --images/--texts`). Rerunning resumes: finished shards are "
-                                "skipped.")
+    p = DefaultsParser(prog="dualenc embed", description="Embed images or texts into a directory of "
+                       "sharded vectors with ids and a manifest.json (for an index, `dualenc compose` or "
+                       "`dualenc retrieval --images/--texts`). Rerunning resumes: finished shards are "
+                       "skipped.")
     p.add_argument("--model", required=True, help="a dualenc export directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="image shards (spec) or an image folder; ids: sample keys / relative paths")
@@ -295,9 +295,9 @@ def cmd_compose(argv: list[str]) -> int:
     from dualenc.eval.report import write_results
     from dualenc.eval.store import load_embeddings
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc compose", description="Composed image+text query (ALIGN): "
-                                "normalize(image + w1*text1 + w2*text2 ...), nearest images of an embedded gallery. "
-                                "A negative weight subtracts a concept.")
+    p = DefaultsParser(prog="dualenc compose", description="Composed image+text query (ALIGN): "
+                       "normalize(image + w1*text1 + w2*text2 ...), nearest images of an embedded gallery. "
+                       "A negative weight subtracts a concept.")
     p.add_argument("--model", required=True, help="the dualenc export that embedded the gallery")
     p.add_argument("--gallery", required=True, help="an image embeddings directory (dualenc embed --images)")
     p.add_argument("--image", required=True, help="the query image file")
@@ -342,9 +342,9 @@ def cmd_report(argv: list[str]) -> int:
     from dualenc.eval.plots import plot_temperature
     from dualenc.eval.report import plot_record, read_csv_metric, read_results, summary_table
 
-    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="dualenc report", description="Plots and a summary from results JSON files "
-                                "(dualenc zeroshot/retrieval --json, EvalCallback results_dir) and the temperature "
-                                "curve from Lightning's CSVLogger metrics.csv or TensorBoardLogger event files.")
+    p = DefaultsParser(prog="dualenc report", description="Plots and a summary from results JSON files "
+                       "(dualenc zeroshot/retrieval --json, EvalCallback results_dir) and the temperature "
+                       "curve from Lightning's CSVLogger metrics.csv or TensorBoardLogger event files.")
     p.add_argument("--results", nargs="+", default=[], help="results JSON files")
     p.add_argument("--metrics-csv", help="CSVLogger metrics.csv of a training run")
     p.add_argument("--tensorboard", help="TensorBoard event file, or a folder searched for them (a run's log dir)")
