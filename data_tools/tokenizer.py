@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
-from dualenc.progress import progress, sample_total
+from dualenc.progress import progress
 
 # Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
 # adds the data tools' strictness); re-exported here for existing callers.
@@ -28,12 +28,11 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # order fixes t
 def iter_captions(shards: str | os.PathLike | list[str]) -> Iterator[str]:
     """Yield the ``.txt`` captions of the given shards, in shard order, through the one shard
     reader (other members are never read); non-UTF-8 and empty ones are skipped."""
-    paths = expand_shards(shards)
-    samples = iter_tar_samples(paths, wanted=lambda name: name.endswith(".txt"))
-    for sample in progress(samples, total=sample_total(paths), desc="tokenizer: reading captions", unit="sample"):
-        caption, _ = sample.caption()
-        if caption:
-            yield caption
+    for path in progress(expand_shards(shards), desc="tokenizer: reading captions", unit="shard"):
+        for sample in iter_tar_samples([path], wanted=lambda name: name.endswith(".txt")):
+            caption, _ = sample.caption()
+            if caption:
+                yield caption
 
 
 def train_wordpiece(
