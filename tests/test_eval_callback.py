@@ -19,7 +19,7 @@ from dualenc.eval.suite import EvalSuite
 from tests_helpers import spawn_ranks
 
 WORLD = 2
-TIMEOUT_S = 60
+TIMEOUT_S = 240  # a hang guard: the two ranks build a model and two eval sets each; slow on loaded cores
 
 
 def _sets(root: Path) -> tuple[list[dict], list[dict]]:
