@@ -42,6 +42,8 @@ def main() -> int:
     t0 = time.time()
     dualenc, data = str(BIN / "dualenc"), "data/demo"
     sh([str(BIN / "dualenc-data"), "demo", "--out", data], w, w / data / "val")
+    sh([str(BIN / "dualenc-data"), "tokenizer", "--shards", f"{data}/train", "--out", f"{data}/tokenizer"], w,
+       w / data / "tokenizer")
     for side, seed in zip(("old", "new"), a.seeds):
         sh([dualenc, "fit", "--config", str(REPO / "configs" / "demo.yaml"), f"--seed_everything={seed}",
             f"--trainer.max_epochs={a.epochs}", f"--trainer.default_root_dir=runs/{side}",
