@@ -6,6 +6,7 @@ a few bytes per vector) plus the training sample of trainable indexes: never the
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -26,13 +27,14 @@ def default_compressed_factory(count: int, dim: int) -> str:
     2-core machine trains in minutes; bench/bench_index.py), dim/8 bytes per vector.
 
     Tiny sets get plain PQ with 4-bit codes: IVF and 8-bit codebooks need more training points than
-    they have (FAISS wants ~39 per centroid).
+    they have (FAISS wants ~39 per centroid). ``np``: no polysemous training, which FAISS otherwise runs
+    for every PQ factory string and which took minutes on 2 cores for codes nobody searches by Hamming.
     """
     m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0)
     if count < 256 * 39:
-        return f"PQ{m}x4"
+        return f"PQ{m}x4np"
     nlist = 2 ** max(4, min(12, round(math.log2(4 * math.sqrt(count)))))
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}np"
 
 
 def default_search_params(index: Any) -> str:
@@ -57,21 +59,33 @@ def model_identity(manifest: dict[str, Any], model: str | None) -> tuple[str, st
     """
     path = model or manifest.get("model")
     if path and (Path(path) / "config.json").is_file():
-        from dualenc.plugins.targets import DualencTarget
-
-        ident = DualencTarget(str(path)).identity()
-        return ident.name, ident.fingerprint
+        weights = Path(path) / "model.safetensors"
+        return _export_identity(str(path), weights.stat().st_mtime_ns if weights.is_file() else 0)
     if model:
         raise UserError(f"--model {model} is not a dualenc export directory (no config.json); give the export "
                         "that made the embeddings, or leave --model out to record the manifest's model name")
     return str(manifest.get("model")), None
 
 
+@functools.lru_cache(maxsize=16)
+def _export_identity(path: str, mtime_ns: int) -> tuple[str, str | None]:
+    # Loading an export to hash its weights takes seconds; index eval asks twice per index.
+    from dualenc.plugins.targets import DualencTarget
+
+    ident = DualencTarget(path).identity()
+    return ident.name, ident.fingerprint
+
+
 def build_index(embeddings: str | Path, out: str | Path, factory: str = "Flat", metric: str = "inner_product",
                 normalize: bool = True, chunk_rows: int = DEFAULT_CHUNK, train_size: int | None = None,
                 model: str | None = None, search_params: str | None = None, overwrite: bool = False,
-                threads: int | None = None, log: Callable[[str], None] = print) -> IndexMeta:
-    """Build ``out`` from ``embeddings`` (a ``dualenc embed`` directory); returns the written metadata."""
+                threads: int | None = None, log: Callable[[str], None] = print,
+                on_chunk: Callable[[np.ndarray], None] | None = None) -> IndexMeta:
+    """Build ``out`` from ``embeddings`` (a ``dualenc embed`` directory); returns the written metadata.
+
+    ``on_chunk`` sees each chunk of vectors as added (after normalization), e.g. to compute exact
+    neighbours of some queries in the same pass over the data (bench/bench_index.py).
+    """
     faiss = import_faiss()
     if metric not in METRICS:
         raise UserError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -114,6 +128,8 @@ def build_index(embeddings: str | Path, out: str | Path, factory: str = "Flat", 
             if normalize:
                 faiss.normalize_L2(vec)
             index.add(vec)
+            if on_chunk is not None:
+                on_chunk(vec)
             keys.add(ids)
             added += len(ids)
             log(f"added {added}/{count}")
