@@ -109,7 +109,7 @@ def build_index(embeddings: str | Path, out: str | Path, factory: str = "Flat", 
         if not index.is_trained:
             n_train = min(count, train_size or _default_train_size(index, count))
             log(f"training {factory} on {n_train} of {count} vectors")
-            x = sample_rows(embeddings, n_train, chunk_rows)
+            x = sample_rows(embeddings, n_train)
             if normalize:
                 faiss.normalize_L2(x)
             try:

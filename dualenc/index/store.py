@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -66,6 +66,38 @@ def _shard_path(root: Path, name: str, fmt: str) -> Path:
     return root / (f"{name}.npy" if fmt == "npy" else f"{name}.safetensors")
 
 
+def _open_shards(root: Path, manifest: dict[str, Any]) -> Iterator[tuple[list[str], Callable[[Any], np.ndarray]]]:
+    """(ids, rows) per non-empty shard in name order; ``rows(slice or index array)`` reads only those rows."""
+    fmt = manifest["file_format"]
+    for name in sorted(manifest["shards"]):
+        count = int(manifest["shards"][name]["count"])
+        if count == 0:
+            continue
+        path = _shard_path(root, name, fmt)
+        if fmt == "npy":
+            vec = np.load(path, mmap_mode="r", allow_pickle=False)  # pages are read when rows are touched
+            ids = json.loads((root / f"{name}.ids.json").read_text(encoding="utf-8"))
+            rows: Callable[[Any], np.ndarray] = vec.__getitem__
+            shape = vec.shape
+        else:
+            from safetensors import safe_open
+
+            handle = safe_open(str(path), framework="numpy")
+            sl = handle.get_slice("embeddings")
+            ids = json.loads((handle.metadata() or {}).get("ids", "[]"))
+
+            def rows(sel: Any, sl: Any = sl) -> np.ndarray:  # safetensors slices are contiguous ranges
+                if isinstance(sel, slice):
+                    return sl[sel]
+                return np.stack([sl[int(i):int(i) + 1][0] for i in sel]) if len(sel) else np.empty((0, dim))
+            shape = tuple(sl.get_shape())
+        dim = manifest["dim"]
+        if len(shape) != 2 or shape[0] != count or len(ids) != count or shape[1] != dim:
+            raise UserError(f"{root}/{name}: {shape} vectors and {len(ids)} ids, the manifest says {count} x "
+                            f"{dim}; the shard is damaged: delete it and rerun `dualenc embed`")
+        yield ids, rows
+
+
 def iter_chunks(emb_dir: str | Path, chunk_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
     """(ids, float32 vectors) of an embeddings directory, at most ``chunk_rows`` rows at a time.
 
@@ -75,32 +107,10 @@ def iter_chunks(emb_dir: str | Path, chunk_rows: int = 65536) -> Iterator[tuple[
     if chunk_rows < 1:
         raise UserError(f"chunk size must be >= 1, got {chunk_rows}")
     root = Path(emb_dir)
-    manifest = load_manifest(root)
-    fmt = manifest["file_format"]
-    for name in sorted(manifest["shards"]):
-        count = int(manifest["shards"][name]["count"])
-        if count == 0:
-            continue
-        path = _shard_path(root, name, fmt)
-        if fmt == "npy":
-            vec = np.load(path, mmap_mode="r", allow_pickle=False)
-            ids = json.loads((root / f"{name}.ids.json").read_text(encoding="utf-8"))
-            rows = lambda a, b, v=vec: v[a:b]  # noqa: E731
-            shape = vec.shape
-        else:
-            from safetensors import safe_open
-
-            handle = safe_open(str(path), framework="numpy")
-            sl = handle.get_slice("embeddings")
-            ids = json.loads((handle.metadata() or {}).get("ids", "[]"))
-            rows = lambda a, b, s=sl: s[a:b]  # noqa: E731
-            shape = tuple(sl.get_shape())
-        if len(shape) != 2 or shape[0] != count or len(ids) != count or shape[1] != manifest["dim"]:
-            raise UserError(f"{root}/{name}: {shape} vectors and {len(ids)} ids, the manifest says {count} x "
-                            f"{manifest['dim']}; the shard is damaged: delete it and rerun `dualenc embed`")
-        for a in range(0, count, chunk_rows):
-            b = min(count, a + chunk_rows)
-            yield ids[a:b], np.array(rows(a, b), dtype=np.float32, copy=True)
+    for ids, rows in _open_shards(root, load_manifest(root)):
+        for a in range(0, len(ids), chunk_rows):
+            b = min(len(ids), a + chunk_rows)
+            yield ids[a:b], np.array(rows(slice(a, b)), dtype=np.float32, copy=True)
 
 
 def load_manifest(emb_dir: str | Path) -> dict[str, Any]:
@@ -121,19 +131,23 @@ def load_manifest(emb_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def sample_rows(emb_dir: str | Path, n: int, chunk_rows: int = 65536) -> np.ndarray:
-    """``n`` rows spread evenly over the whole directory (shards may be sorted by source): a training set."""
-    manifest = load_manifest(emb_dir)
+def sample_rows(emb_dir: str | Path, n: int) -> np.ndarray:
+    """``n`` rows spread evenly over the whole directory (shards may be sorted by source): a training set.
+
+    Only the sampled rows are read (memory-mapped shards), not a pass over every vector.
+    """
+    root = Path(emb_dir)
+    manifest = load_manifest(root)
     total = int(manifest["count"])
-    n = min(n, total)
-    want = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+    want = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
     out = np.empty((len(want), int(manifest["dim"])), dtype=np.float32)
     start = filled = 0
-    for _, vec in iter_chunks(emb_dir, chunk_rows):
-        stop = start + len(vec)
+    for ids, rows in _open_shards(root, manifest):
+        stop = start + len(ids)
         lo, hi = np.searchsorted(want, [start, stop])
-        out[filled:filled + hi - lo] = vec[want[lo:hi] - start]
-        filled += hi - lo
+        if hi > lo:
+            out[filled:filled + hi - lo] = rows(want[lo:hi] - start)
+            filled += hi - lo
         start = stop
     return out
 
