@@ -59,10 +59,14 @@ def test_build_search_round_trip_finds_planted_neighbours(tmp_path: Path, factor
     meta = read_meta(tmp_path / "ix")
     assert (meta.count, meta.dim, meta.kind, meta.model, meta.normalized) == (3000, 32, "image", "synthetic", True)
     assert not list(tmp_path.glob(".ix*"))  # the temporary build directory was renamed away
+    assert main(["index", "info", str(tmp_path / "ix")]) == 0
     out = tmp_path / "res.json"
     assert main(["search", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q"), "--k", "5",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
+    assert main(["search", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q"), "--k", "5", "--mmap",
+                 "--json", str(tmp_path / "mm.json")]) == 0
+    assert json.loads((tmp_path / "mm.json").read_text()) == rows  # a memory-mapped index answers the same
     hits = [r["results"][0]["key"] == ids[t] for r, t in zip(rows, target)]
     # Exact and HNSW find every planted neighbour; 4-bit PQ codes of 32-d noise still find nearly all.
     assert np.mean(hits) >= (1.0 if factory in ("Flat", "HNSW16") else 0.9)

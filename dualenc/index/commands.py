@@ -125,6 +125,8 @@ def search_parser() -> argparse.ArgumentParser:
     q.add_argument("--queries", help="an embeddings directory of queries (`dualenc embed`)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--search-params", help="FAISS search parameters, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--mmap", action="store_true", help="memory-map the index file instead of reading it (for "
+                   "indexes larger than RAM; slower first queries)")
     p.add_argument("--json", help="write the results here (default: print JSON lines)")
     return p
 
@@ -156,7 +158,7 @@ def _search(a: argparse.Namespace) -> int:
             vectors, labels, modality = target.encode_text(a.text), a.text, "text"
         else:
             vectors, labels, modality = embed_images(target, a.image), a.image, "image"
-    found = search(a.index, vectors, modality, source, a.map, a.k, a.search_params)
+    found = search(a.index, vectors, modality, source, a.map, a.k, a.search_params, mmap=a.mmap)
     rows = [{"query": q, "results": r} for q, r in zip(labels, found)]
     if a.json:
         _write_json(a.json, rows)

@@ -111,9 +111,9 @@ def results(scores: np.ndarray, ids: np.ndarray, keys: Keys) -> list[list[dict[s
 
 
 def search(index_dir: str, queries: torch.Tensor, modality: str, source: Any, map_path: str | None = None,
-           k: int = 10, params: str | None = None) -> list[list[dict[str, Any]]]:
+           k: int = 10, params: str | None = None, mmap: bool = False) -> list[list[dict[str, Any]]]:
     """Top-``k`` keys (with scores) of ``index_dir`` for each query embedding of model ``source``."""
-    index, meta, keys = open_index(index_dir)
+    index, meta, keys = open_index(index_dir, mmap=mmap)
     if map_path:
         queries = map_queries(queries, map_path, modality, source, meta)
     else:
