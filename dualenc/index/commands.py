@@ -5,22 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from dualenc.clihelp import DefaultsParser
 from dualenc.errors import UserError
-
-
-def _run(prog: str, fn: Callable[[argparse.Namespace], int], a: argparse.Namespace) -> int:
-    try:
-        return fn(a)
-    except UserError as e:
-        if os.environ.get("DUALENC_DEBUG"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
 
 
 def _write_json(path: str, obj: object) -> None:
@@ -62,7 +52,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dualenc index", description="FAISS indexes of `dualenc embed` directories.")
+    p = DefaultsParser(prog="dualenc index", description="FAISS indexes of `dualenc embed` directories.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("build", help="stream an embeddings directory into an index directory")
     s.add_argument("--embeddings", required=True, help="a directory written by `dualenc embed`")
@@ -109,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_index(argv: list[str]) -> int:
     """dualenc index {build,info,eval} ..."""
     a = build_parser().parse_args(argv)
-    return _run("dualenc index", a.fn, a)
+    return a.fn(a)  # dualenc.cli.main prints UserError (exit 2; --debug shows it)
 
 
 def search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dualenc search", description="Top-k keys of an index for texts, images or "
-                                "an embeddings directory of queries; with --map, NEW model queries search an "
-                                "index of OLD embeddings.")
+    p = DefaultsParser(prog="dualenc search", description="Top-k keys of an index for texts, images or "
+                       "an embeddings directory of queries; with --map, NEW model queries search an "
+                       "index of OLD embeddings.")
     p.add_argument("--index", required=True, help="an index directory (`dualenc index build`)")
     p.add_argument("--model", help="the dualenc export that embeds the queries (needed for --text/--image)")
     p.add_argument("--map", help="NEW -> OLD map: queries by --model are moved into the index's space")
@@ -171,7 +161,7 @@ def _search(a: argparse.Namespace) -> int:
 
 def cmd_search(argv: list[str]) -> int:
     """dualenc search --index INDEX (--text T | --image F | --queries DIR) [--model NEW] [--map NEW2OLD]"""
-    return _run("dualenc search", _search, search_parser().parse_args(argv))
+    return _search(search_parser().parse_args(argv))  # dualenc.cli.main prints UserError (exit 2)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"index": cmd_index, "search": cmd_search}
