@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dualenc.fileio import staged_directory
 from dualenc.model import DualEncoder
 from dualenc.towers import TOWERS, tower_name
 
@@ -28,12 +26,7 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
     leaves a half-written export; an existing export at ``out_dir`` is replaced.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is as readable as any new directory
-    try:
+    with staged_directory(out_dir) as tmp:
         config = {
             "format": FORMAT,
             "image_tower": {"name": tower_name(model.image_tower), "kwargs": model.image_tower.export_config(tmp)},
@@ -47,15 +40,6 @@ def export_model(model: DualEncoder, out_dir: str | Path, state_dict: dict[str, 
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)  # left over from an interrupted export
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

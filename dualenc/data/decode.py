@@ -14,6 +14,23 @@ from PIL import Image
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def parse_caption(raw: Any, caption_field: str | None = None) -> tuple[str | None, str]:
+    """A caption member's text, or ``(None, skip reason)``: ``non_utf8_caption``, ``bad_json`` (when the
+    caption is ``caption_field`` of a JSON member, as in img2dataset's ``.json``) or ``empty_caption``."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return None, "non_utf8_caption"
+    if caption_field:
+        try:
+            value = json.loads(text).get(caption_field)
+        except (ValueError, AttributeError):
+            return None, "bad_json"
+        text = value if isinstance(value, str) else ""
+    text = text.strip()
+    return (text, "") if text else (None, "empty_caption")
+
+
 class SampleDecoder:
     """Raw webdataset sample (``{"__key__": ..., "jpg": bytes, ...}``) -> ``{"image", "text"[, "label"]}``.
 
@@ -48,19 +65,9 @@ class SampleDecoder:
             raw = sample.get(self.caption_key)
             if raw is None:
                 return self._skip("missing_caption")
-            try:
-                text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-            except UnicodeDecodeError:
-                return self._skip("non_utf8_caption")
-            if self.caption_field:
-                try:
-                    value = json.loads(text).get(self.caption_field)
-                except (ValueError, AttributeError):
-                    return self._skip("bad_json")
-                text = value if isinstance(value, str) else ""
-            text = text.strip()
-            if not text:
-                return self._skip("empty_caption")
+            text, problem = parse_caption(raw, self.caption_field)
+            if text is None:
+                return self._skip(problem)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

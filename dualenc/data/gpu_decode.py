@@ -17,7 +17,6 @@ the same device path.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from dualenc.data.decode import IMAGE_EXTS
+from dualenc.data.decode import IMAGE_EXTS, parse_caption
 
 __all__ = ["EncodedImage", "ByteDecoder", "CropParams", "ByteCollate", "decode_batch", "byte_preprocessing"]
 
@@ -61,17 +60,8 @@ class ByteDecoder:
         return ext in self.image_keys or ext == self.caption_key
 
     def _caption(self, raw: Any) -> str | None:
-        try:
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        except UnicodeDecodeError:
-            return self._skip("non_utf8_caption")
-        if self.caption_field:
-            try:
-                value = json.loads(text).get(self.caption_field)
-            except (ValueError, AttributeError):
-                return self._skip("bad_json")
-            text = value if isinstance(value, str) else ""
-        return text.strip() or self._skip("empty_caption")
+        text, problem = parse_caption(raw, self.caption_field)
+        return text if text is not None else self._skip(problem)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = next((k for k in self.image_keys if k in sample), None)

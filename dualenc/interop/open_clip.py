@@ -28,9 +28,6 @@ editing those two fields.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from dualenc.errors import UserError
+from dualenc.fileio import staged_directory
 from dualenc.model import DualEncoder
 
 CONFIG_FILE = "open_clip_config.json"
@@ -134,9 +132,7 @@ def export_open_clip(model: DualEncoder, out_dir: str | Path, state_dict: dict[s
                         "resize and center-crop at 1.0), so open_clip would preprocess differently. Build the image "
                         "tower with crop_pct: 1.0 (and evaluate it so), or pass --allow-crop-change to export anyway")
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         text = model.text_tower
         text.encoder.config.save_pretrained(str(tmp))  # config.json: the HF text model, read by open_clip
         text.tokenizer.save_pretrained(str(tmp))
@@ -146,14 +142,4 @@ def export_open_clip(model: DualEncoder, out_dir: str | Path, state_dict: dict[s
         state = state_dict if state_dict is not None else model.state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in to_open_clip_state_dict(state).items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        os.chmod(tmp, 0o755)
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
