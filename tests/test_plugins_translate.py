@@ -155,7 +155,8 @@ def test_unsupervised_score_needs_no_pairs_and_sees_distribution_mismatch(unpair
     rot = u @ vh
     exact = unsupervised_score(lambda x: x @ rot.T, lambda y: y @ rot, a, b, n=512)
     ident = unsupervised_score(lambda x: x, lambda y: y, a, b, n=512)
-    assert exact["cycle"] < 1e-8 and exact["vsp"] < 1e-8 and ident["cycle"] < 1e-8 and ident["vsp"] < 1e-8
+    # vsp is a mean absolute difference (as in the public code): float32 noise is ~1e-7, not ~1e-14.
+    assert exact["cycle"] < 1e-8 and exact["vsp"] < 1e-5 and ident["cycle"] < 1e-8 and ident["vsp"] < 1e-5
     assert exact["mmd"] < 0.01 < 0.05 < ident["mmd"]
     assert exact["score"] < ident["score"]
 
