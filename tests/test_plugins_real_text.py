@@ -119,9 +119,9 @@ def test_vec2vec_cli_prints_progress(tmp_path, capsys):
     assert err.count("step ") == 4 and "cycle" in err and "adversarial" in err
 
 
-def test_vec2vec_starts_from_an_unpaired_map_and_keeps_it():
-    """init: the untrained translator applies the given map exactly; training (adversarial, cycle, VSP)
-    from there keeps a planted rotation recovered (dims differ: 12 -> 16, a semi-orthogonal map)."""
+def test_vec2vec_starts_exactly_from_a_given_map_and_keeps_it():
+    """init: the untrained translator applies the given map exactly, both ways; training (adversarial,
+    cycle, VSP; no pairs) from the true map does not undo it (dims differ: 12 -> 16, semi-orthogonal)."""
     from dualenc.plugins.procrustes import fit_procrustes
     from dualenc.plugins.translate import Vec2Vec, Vec2VecConfig, train_vec2vec
 
