@@ -117,17 +117,41 @@ def cmd_fit(a: argparse.Namespace) -> int:
     plugin = PLUGINS.get(a.method)
     if not hasattr(plugin, "fit_embeddings"):
         return _fail(f"plugin {a.method!r} cannot be fitted stand-alone (it is a training plugin)")
-    src = load_embeddings(a.source, a.source_model)
-    tgt = load_embeddings(a.target, a.target_model) if a.target else None
+    src = _fit_view(load_embeddings(a.source, a.source_model), a.modality)
+    tgt = _fit_view(load_embeddings(a.target, a.target_model), a.modality) if a.target else None
     kwargs = _json_arg(a.args, "--args")
     if a.on_few_anchors:
         kwargs["on_few_anchors"] = a.on_few_anchors
+    if a.method == "vec2vec" and not a.quiet:
+        kwargs.setdefault("log_every", max(1, int(kwargs.get("steps", 2000)) // 20))
+        kwargs.setdefault("progress", _print_progress)
     m = plugin.fit_embeddings(src, tgt, **kwargs) if tgt is not None else plugin.fit_embeddings(src, **kwargs)
     m.save(a.out)
     print(f"fitted {a.method} map {m.meta.source.name} -> {m.meta.target.name if m.meta.target else '-'} "
           f"on {m.meta.anchors} anchors; saved to {a.out}")
     print(json.dumps(m.meta.extra, sort_keys=True))
     return 0
+
+
+def _print_progress(row: dict[str, float]) -> None:
+    print("  step {step:.0f}: loss {loss:.4f} (disc {disc:.4f}, adversarial {adversarial:.4f}, cycle {cycle:.4f}, "
+          "vsp {vsp:.4f}, reconstruction {reconstruction:.4f})".format(**row), file=sys.stderr, flush=True)
+
+
+def _fit_view(data: Any, modality: str | None) -> Any:
+    """The embeddings a fitter sees: fitters fit on the ``image`` array (the anchor modality); ``--modality
+    text``, or a file holding only text (or one bare matrix), fits on those rows instead. They are then
+    offered as both modalities, so the map also has the text means that ``apply --modality text`` needs."""
+    from dualenc.plugins.embeddings import EmbeddingSet
+
+    if modality is None:
+        if "image" in data.arrays:
+            return data
+        modality = "text" if "text" in data.arrays else "image"  # text-only, or one bare matrix
+    x = data.get(modality)
+    if modality == "image" and "image" in data.arrays:
+        return data
+    return EmbeddingSet({"image": x, "text": x}, data.model, data.keys, data.source_path)
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
@@ -155,20 +179,24 @@ def cmd_apply(a: argparse.Namespace) -> int:
 def _paired(src: Any, tgt: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Row-aligned matrices of both sets: by common keys when both have keys, else row by row."""
     mods = [m for m in ("image", "text") if m in src.arrays and m in tgt.arrays]
+    if not mods:  # a bare matrix (.npy) pairs with whatever the other side holds
+        mods = [m for m in ("image", "text") if src.maybe(m) is not None and tgt.maybe(m) is not None][:1]
     if not mods:
         raise ValueError("the source and target files share no modality (image/text)")
+    src_arrays = {m: src.maybe(m) for m in mods}
+    tgt_arrays = {m: tgt.maybe(m) for m in mods}
     if src.keys is not None and tgt.keys is not None:
         ti = tgt.index()
         common = [(i, ti[k]) for i, k in enumerate(src.keys) if k in ti]
         if not common:
             raise ValueError("the source and target files have no sample key in common")
         si, tj = torch.tensor([c[0] for c in common]), torch.tensor([c[1] for c in common])
-        return {m: src.arrays[m][si] for m in mods}, {m: tgt.arrays[m][tj] for m in mods}
+        return {m: src_arrays[m][si] for m in mods}, {m: tgt_arrays[m][tj] for m in mods}
     for m in mods:
-        if src.arrays[m].shape[0] != tgt.arrays[m].shape[0]:
-            raise ValueError(f"{m}: {src.arrays[m].shape[0]} source rows vs {tgt.arrays[m].shape[0]} target rows "
+        if src_arrays[m].shape[0] != tgt_arrays[m].shape[0]:
+            raise ValueError(f"{m}: {src_arrays[m].shape[0]} source rows vs {tgt_arrays[m].shape[0]} target rows "
                              "and no keys to pair them")
-    return {m: src.arrays[m] for m in mods}, {m: tgt.arrays[m] for m in mods}
+    return src_arrays, tgt_arrays
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -191,11 +219,34 @@ def cmd_eval(a: argparse.Namespace) -> int:
         sa, tb, a_to_b, (lambda x, mod: inv.apply(x, mod).float()) if inv is not None else None, ks=ks)
     # The source is the new model, the target the old one whose index would be kept.
     report.update(compatibility_report(sa, tb, a_to_b, metric=a.compat_metric, ks=ks))
+    if not a.no_baselines:
+        report["baselines"] = baseline_rows(sa, tb)
     text = json.dumps(report, indent=2, sort_keys=True)
     if a.json:
         Path(a.json).write_text(text)
     print(text)
     return 0
+
+
+def baseline_rows(sa: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], seed: int = 20260514) -> dict[str, Any]:
+    """What a map must beat, per modality: ``identity`` (equal dims only), ``constant_mean`` (every row
+    predicted as the target's mean: it calibrates mean cosine, which is high for anisotropic spaces) and
+    ``random_q`` (a random orthogonal map plus the true mean shift: chance level for ranks)."""
+    from dualenc.plugins.crossmodel import translation_metrics
+    from dualenc.plugins.synthetic import random_orthogonal
+
+    out: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(seed)
+    for m, x in sa.items():
+        y = tb[m]
+        rows: dict[str, dict[str, float]] = {}
+        if x.shape[1] == y.shape[1]:
+            rows["identity"] = translation_metrics(x.float(), y.float())
+        rows["constant_mean"] = translation_metrics(y.mean(0, keepdim=True).expand_as(y).float(), y.float())
+        q = random_orthogonal(y.shape[1], x.shape[1], g, x.dtype)
+        rows["random_q"] = translation_metrics(((x - x.mean(0)) @ q.T + y.mean(0)).float(), y.float())
+        out[m] = rows
+    return out
 
 
 def _embed_exports(a: argparse.Namespace) -> tuple[Any, Any]:
@@ -243,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-model", help="target model name when the file does not record it")
     s.add_argument("--on-few-anchors", choices=("warn", "error"))
     s.add_argument("--args", help="JSON object of method arguments (e.g. '{\"k\": 64}' for whitening)")
+    s.add_argument("--modality", choices=("image", "text"), help="the rows to fit on (default: image if the files "
+                   "have it, else text, else the one matrix of an .npy)")
+    s.add_argument("--quiet", action="store_true", help="no training progress (vec2vec prints its losses)")
     s.add_argument("--out", required=True, help="output map .safetensors")
     s.set_defaults(fn=cmd_fit)
 
@@ -272,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compat-metric", default="R@1", help="metric of the backward-compatibility criterion: R@K, "
                    "top1, mean_rank or median_rank")
     s.add_argument("--json", help="also write the metrics here")
+    s.add_argument("--no-baselines", action="store_true", help="skip the identity / constant-mean / random-Q rows")
     s.set_defaults(fn=cmd_eval)
     return p
 

@@ -6,6 +6,8 @@ Kinds (registry ``TARGETS``, extendable through the ``dualenc.targets`` entry-po
 * ``open_clip``: an open_clip checkpoint file plus its model config (a built-in architecture name or
   a JSON file), built offline: nothing is downloaded.
 * ``hf_clip``: a transformers CLIP-style directory (``save_pretrained`` of a ``CLIPModel``).
+* ``hf_text``: a transformers / sentence-transformers text encoder directory (BERT, MPNet, MiniLM...),
+  mean or CLS pooling; text only.
 * ``precomputed``: embeddings computed earlier (``.safetensors``/``.npz``/``.npy``), looked up by sample key.
 
 A target's weights are frozen (``requires_grad=False``) and it is a plain object, not an ``nn.Module``,
@@ -285,6 +287,69 @@ class HFClipTarget(Target):
         if "attention_mask" in enc:
             kwargs["attention_mask"] = enc["attention_mask"].to(self.device)
         return _features(self.model.get_text_features(**kwargs))
+
+
+# ---- transformers / sentence-transformers text encoder ---------------------------------------------
+def _st_pooling(path: Path) -> str | None:
+    """The pooling a sentence-transformers directory declares (``1_Pooling/config.json``), if any."""
+    modules = path / "modules.json"
+    pool_dirs = [path / "1_Pooling"]
+    if modules.is_file():
+        pool_dirs = [path / m.get("path", "") for m in json.loads(modules.read_text())
+                     if str(m.get("type", "")).endswith("Pooling")] or pool_dirs
+    for d in pool_dirs:
+        cfg = d / "config.json"
+        if cfg.is_file():
+            c = json.loads(cfg.read_text())
+            if c.get("pooling_mode_cls_token"):
+                return "cls"
+            if c.get("pooling_mode_mean_tokens"):
+                return "mean"
+    return None
+
+
+@TARGETS.register("hf_text")
+class HFTextTarget(Target):
+    """A text encoder from a local transformers directory (e.g. a sentence-transformers model), text only.
+
+    Args:
+        path: the model directory (config.json, weights, tokenizer files); never downloads.
+        pooling: ``mean`` (attention-masked mean of the last hidden states) or ``cls`` (the first token);
+            default: what the directory's sentence-transformers ``1_Pooling/config.json`` declares, else mean.
+        max_length: tokens per text (default 128, capped by the model's position embeddings).
+    """
+
+    kind = "hf_text"
+    has_image = False
+
+    def __init__(self, path: str, pooling: str | None = None, max_length: int = 128, name: str | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        d = Path(path)
+        if not d.is_dir() or not (d / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder directory {path!r} does not exist or has no config.json "
+                                    "(a local transformers/sentence-transformers model; dualenc never downloads)")
+        pooling = pooling or _st_pooling(d) or "mean"
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+        self.model = self._freeze(AutoModel.from_pretrained(str(d), local_files_only=True))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        cfg = self.model.config
+        limit = int(getattr(cfg, "max_position_embeddings", max_length) or max_length)
+        self.max_length = min(int(max_length), limit - 2 if limit > 2 else limit)
+        self.embed_dim = int(cfg.hidden_size)
+        self.name = name or f"hf_text:{d.name}"
+
+    def _text(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        h = self.model(**enc).last_hidden_state
+        if self.pooling == "cls":
+            return h[:, 0]
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 # ---- precomputed -----------------------------------------------------------------------------------

@@ -29,56 +29,115 @@ from dualenc.progress import progress
 
 
 class ResidualBlock(nn.Module):
-    """x -> x' + Linear(SiLU(LayerNorm(Linear(x)))), with x' a projection when the width changes."""
+    """x -> skip(x) + Linear(SiLU(LayerNorm(Linear(x)))).
 
-    def __init__(self, d_in: int, d_out: int, hidden: int) -> None:
+    ``skip`` is the identity, or a bias-free linear map initialised (semi-)orthogonal when the width
+    changes: a norm-preserving path through every block, so the untrained net is close to a rotation and
+    not a shrinking random projection. The body's last layer starts at zero (``zero_body``): every
+    block starts linear, and the nonlinearity is learned on top (the net can start from a given map).
+    """
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, zero_body: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, d_out))
-        self.skip = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
+        if zero_body:
+            nn.init.zeros_(self.body[-1].weight)
+            nn.init.zeros_(self.body[-1].bias)
+        self.skip: nn.Module = nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
+        if isinstance(self.skip, nn.Linear):
+            nn.init.orthogonal_(self.skip.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.body(x)
 
 
-def mlp(d_in: int, d_out: int, hidden: int, depth: int) -> nn.Sequential:
-    dims = [d_in] + [hidden] * (depth - 1) + [d_out]
-    return nn.Sequential(*(ResidualBlock(dims[i], dims[i + 1], hidden) for i in range(depth)))
+def mlp(d_in: int, d_out: int, hidden: int, depth: int, zero_body: bool = True) -> nn.Sequential:
+    dims = [d_in] + [max(d_in, d_out)] * (depth - 1) + [d_out]
+    return nn.Sequential(*(ResidualBlock(dims[i], dims[i + 1], hidden, zero_body) for i in range(depth)))
 
 
 @dataclass
 class Vec2VecConfig:
     dim_a: int
     dim_b: int
-    latent_dim: int = 64
-    hidden_dim: int = 128
+    latent_dim: int = 512
+    hidden_dim: int = 512
     adapter_depth: int = 1
-    backbone_depth: int = 2
+    backbone_depth: int = 1
+    zero_body: bool = True
 
 
 class Vec2Vec(nn.Module):
+    """Adapters ``in_a``/``in_b`` -> shared latent -> backbone -> adapters ``out_a``/``out_b``.
+
+    Each space is first viewed in a common frame of ``frame = max(dim_a, dim_b)`` coordinates:
+    ``(x - mean) @ frame_x`` (a fixed buffer with orthonormal rows, so the view loses nothing), and
+    written back with the transpose plus the mean. The frames are zero-padded identities unless an
+    unpaired starting map is given (``init_from_map``): then b's frame is rotated onto a's, and the
+    untrained translator (skips only, zero bodies) applies exactly that map.
+    """
+
     def __init__(self, cfg: Vec2VecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        h = cfg.hidden_dim
-        self.in_a = mlp(cfg.dim_a, cfg.latent_dim, h, cfg.adapter_depth)
-        self.in_b = mlp(cfg.dim_b, cfg.latent_dim, h, cfg.adapter_depth)
-        self.backbone = mlp(cfg.latent_dim, cfg.latent_dim, h, cfg.backbone_depth)
-        self.out_a = mlp(cfg.latent_dim, cfg.dim_a, h, cfg.adapter_depth)
-        self.out_b = mlp(cfg.latent_dim, cfg.dim_b, h, cfg.adapter_depth)
+        h, z, f = cfg.hidden_dim, cfg.latent_dim, max(cfg.dim_a, cfg.dim_b)
+        self.in_a = mlp(f, z, h, cfg.adapter_depth, cfg.zero_body)
+        self.in_b = mlp(f, z, h, cfg.adapter_depth, cfg.zero_body)
+        self.backbone = mlp(z, z, h, cfg.backbone_depth, cfg.zero_body)
+        self.out_a = mlp(z, f, h, cfg.adapter_depth, cfg.zero_body)
+        self.out_b = mlp(z, f, h, cfg.adapter_depth, cfg.zero_body)
+        self._tie_skips()
+        self.register_buffer("frame_a", torch.eye(cfg.dim_a, f))
+        self.register_buffer("frame_b", torch.eye(cfg.dim_b, f))
+        self.register_buffer("mean_a", torch.zeros(cfg.dim_a))
+        self.register_buffer("mean_b", torch.zeros(cfg.dim_b))
+
+    @torch.no_grad()
+    def _tie_skips(self) -> None:
+        """Same skip projections on both sides, decoders' the transposes of encoders': with zero bodies
+        the net starts as the identity between the two frames (whatever the latent width)."""
+        for enc, dec in ((self.in_a, self.out_a), (self.in_b, self.out_b)):
+            for blk_in, blk_out in zip(enc, reversed(dec)):
+                if isinstance(blk_in.skip, nn.Linear) and isinstance(blk_out.skip, nn.Linear):
+                    blk_out.skip.weight.copy_(blk_in.skip.weight.T)
+        for one, other in ((self.in_a, self.in_b), (self.out_a, self.out_b)):
+            for blk_a, blk_b in zip(one, other):
+                if isinstance(blk_a.skip, nn.Linear) and isinstance(blk_b.skip, nn.Linear):
+                    blk_b.skip.weight.copy_(blk_a.skip.weight)
+
+    @torch.no_grad()
+    def init_from_map(self, q: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor) -> None:
+        """Start from the affine map ``y = (x - mean_a) Q^T + mean_b`` (``Q``: dim_b x dim_a,
+        orthonormal rows or columns)."""
+        f = self.frame_a.shape[1]
+        q = q.to(self.frame_b.dtype)
+        fb = q  # (dim_b, dim_a = f): orthonormal rows when b is not wider
+        if q.shape[1] < f:  # b is wider: complete Q's columns to an orthogonal basis of b
+            u, _, _ = torch.linalg.svd(q, full_matrices=True)
+            fb = torch.cat([q, u[:, q.shape[1]:]], dim=1)
+        self.frame_b.copy_(fb)
+        self.mean_a.copy_(mean_a.to(self.mean_a.dtype))
+        self.mean_b.copy_(mean_b.to(self.mean_b.dtype))
 
     def latent(self, x: torch.Tensor, space: str) -> torch.Tensor:
-        return self.backbone((self.in_a if space == "a" else self.in_b)(x))
+        if space == "a":
+            return self.backbone(self.in_a((x - self.mean_a) @ self.frame_a))
+        return self.backbone(self.in_b((x - self.mean_b) @ self.frame_b))
 
     def decode(self, z: torch.Tensor, space: str) -> torch.Tensor:
-        return F.normalize((self.out_a if space == "a" else self.out_b)(z), dim=-1)
+        if space == "a":
+            return F.normalize(self.out_a(z) @ self.frame_a.T + self.mean_a, dim=-1)
+        return F.normalize(self.out_b(z) @ self.frame_b.T + self.mean_b, dim=-1)
 
     def translate(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         return self.decode(self.latent(x, src), dst)
 
 
-def discriminator(d: int, hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(d, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-                         nn.Linear(hidden, 1))
+def discriminator(d: int, hidden: int, depth: int = 3) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d, hidden), nn.LeakyReLU(0.2)]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Linear(hidden, 1))
 
 
 @dataclass
@@ -86,22 +145,25 @@ class Vec2VecLossWeights:
     adversarial: float = 1.0  # output spaces
     latent_adversarial: float = 1.0
     reconstruction: float = 1.0
-    cycle: float = 1.0
+    cycle: float = 10.0  # the public code weights cycle consistency 10x
     vsp: float = 1.0  # vector-space preservation
 
 
 def _gan_g(d: nn.Module, fake: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(d(fake), torch.ones(fake.shape[0], 1, device=fake.device))
+    """Least-squares GAN (the public code's choice for unsupervised runs): push D(fake) to the real label."""
+    return (d(fake) - 1.0).pow(2).mean()
 
 
-def _gan_d(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    r, f = d(real), d(fake.detach())
-    return 0.5 * (F.binary_cross_entropy_with_logits(r, torch.ones_like(r))
-                  + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)))
+def _gan_d(d: nn.Module, real: torch.Tensor, fake: torch.Tensor, smooth: float = 0.9) -> torch.Tensor:
+    return 0.5 * ((d(real) - smooth).pow(2).mean() + d(fake.detach()).pow(2).mean())
+
+
+def _cos_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (1.0 - F.cosine_similarity(x, y, dim=-1)).mean()
 
 
 def _vsp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x @ x.T - y @ y.T).pow(2).mean()
+    return (x @ x.T - y @ y.T).abs().mean()
 
 
 class Vec2VecMap(EmbeddingMap):
@@ -117,7 +179,8 @@ class Vec2VecMap(EmbeddingMap):
     def _apply(self, x: torch.Tensor, modality: Modality) -> torch.Tensor:
         p = next(self.net.parameters())
         src, dst = self.direction
-        return self.net.translate(F.normalize(x.to(p.device, p.dtype), dim=-1), src, dst).to(x.dtype)
+        with torch.no_grad():
+            return self.net.translate(F.normalize(x.to(p.device, p.dtype), dim=-1), src, dst).to(x.dtype)
 
     def inverse(self) -> "Vec2VecMap":
         meta = dataclasses.replace(self.meta, source=self.meta.target or self.meta.source, target=self.meta.source,
@@ -134,10 +197,32 @@ class Vec2VecMap(EmbeddingMap):
         return cls(net, meta, meta.extra.get("direction", "ab"))
 
     @classmethod
-    def fit_embeddings(cls, source: Any, target: Any, **kwargs: Any) -> "Vec2VecMap":
+    def fit_embeddings(cls, source: Any, target: Any, modality: str = "image", **kwargs: Any) -> "Vec2VecMap":
         """CLI entry; ``seeds: [0, 1, 2]`` in the arguments trains each and keeps the best (``train_vec2vec_best``)."""
         fit = train_vec2vec_best if "seeds" in kwargs else train_vec2vec
-        return fit(source.get("image"), target.get("image"), source=source.model, target=target.model, **kwargs)[0]
+        return fit(source.get(modality), target.get(modality), source=source.model, target=target.model,
+                   **kwargs)[0]
+
+
+def initial_map(xa: torch.Tensor, xb: torch.Tensor, init: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(Q, mean_a, mean_b) of an unpaired starting map: ``"mnn"`` (MNN-Procrustes), ``"sinkhorn"``,
+    an ``OrthogonalMap``, or None (no initial map: plain vec2vec)."""
+    if init is None or init == "none":
+        return None
+    if isinstance(init, str):
+        from dualenc.plugins import unpaired
+
+        if init == "mnn":
+            m = unpaired.fit_mnn_procrustes(xa.double(), xb.double(), on_few_anchors="warn")
+        elif init == "sinkhorn":
+            from dualenc.plugins.baselines import fit_sinkhorn_procrustes
+
+            m = fit_sinkhorn_procrustes(xa.double(), xb.double())
+        else:
+            raise ValueError(f"init must be 'none', 'mnn', 'sinkhorn' or an OrthogonalMap, got {init!r}")
+    else:
+        m = init
+    return m.q.float(), m.means["image_source"].float(), m.means["image_target"].float()
 
 
 def train_vec2vec(
@@ -146,36 +231,49 @@ def train_vec2vec(
     *,
     source: Any = None,
     target: Any = None,
-    latent_dim: int = 64,
-    hidden_dim: int = 128,
+    latent_dim: int | None = None,
+    hidden_dim: int = 512,
     adapter_depth: int = 1,
-    backbone_depth: int = 2,
+    backbone_depth: int = 1,
     steps: int = 2000,
-    batch_size: int = 256,
+    batch_size: int = 512,
     lr: float = 1e-3,
     disc_lr: float | None = None,
     weights: Vec2VecLossWeights | dict[str, float] | None = None,
+    init: Any = None,
     seed: int = 0,
     log_every: int = 0,
+    progress: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[Vec2VecMap, list[dict[str, float]]]:
-    """Train on unpaired sets ``a`` (N, dim_a) and ``b`` (M, dim_b); returns the a->b map and a loss log."""
+    """Train on unpaired sets ``a`` (N, dim_a) and ``b`` (M, dim_b); returns the a->b map and a loss log.
+
+    ``latent_dim`` defaults to the larger embedding dim (a narrower latent cannot carry a whole
+    embedding: a 64-d bottleneck is what kept the old default from undoing even a rotation).
+    ``init``: an unpaired map to start from (``"mnn"``, ``"sinkhorn"``, an ``OrthogonalMap``); the
+    adversarial/cycle/VSP training then refines it. ``progress`` gets each logged row (the CLI prints it).
+    """
     xa = F.normalize(as_matrix(a, "space a embeddings", torch.float32), dim=-1)
     xb = F.normalize(as_matrix(b, "space b embeddings", torch.float32), dim=-1)
     if min(len(xa), len(xb)) < 2:
         raise ValueError("vec2vec needs at least 2 embeddings per space")
     w = weights if isinstance(weights, Vec2VecLossWeights) else Vec2VecLossWeights(**(weights or {}))
+    start = initial_map(xa, xb, init)
     g = torch.Generator().manual_seed(seed)
+    z = int(latent_dim or max(xa.shape[1], xb.shape[1]))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        cfg = Vec2VecConfig(xa.shape[1], xb.shape[1], latent_dim, hidden_dim, adapter_depth, backbone_depth)
+        cfg = Vec2VecConfig(xa.shape[1], xb.shape[1], z, hidden_dim, adapter_depth, backbone_depth)
         net = Vec2Vec(cfg)
         d_a, d_b, d_lat = discriminator(cfg.dim_a, hidden_dim), discriminator(cfg.dim_b, hidden_dim), \
-            discriminator(latent_dim, hidden_dim)
+            discriminator(z, hidden_dim)
+    if start is not None:
+        net.init_from_map(*start)
     opt_g = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters(), *d_lat.parameters()], lr=disc_lr or lr,
                              betas=(0.5, 0.999))
     bs = min(batch_size, len(xa), len(xb))
     log: list[dict[str, float]] = []
+    net.train()
     for step in progress(range(steps), desc="vec2vec fit", unit="step"):
         ba = xa[torch.randint(len(xa), (bs,), generator=g)]
         bb = xb[torch.randint(len(xb), (bs,), generator=g)]
@@ -184,12 +282,9 @@ def train_vec2vec(
         terms = {
             "adversarial": _gan_g(d_b, ab) + _gan_g(d_a, ba_),
             # Each space's latents should look like the other's to the latent discriminator.
-            "latent_adversarial": F.binary_cross_entropy_with_logits(d_lat(za), torch.zeros(bs, 1))
-            + F.binary_cross_entropy_with_logits(d_lat(zb), torch.ones(bs, 1)),
-            "reconstruction": (net.decode(za, "a") - ba).pow(2).sum(-1).mean()
-            + (net.decode(zb, "b") - bb).pow(2).sum(-1).mean(),
-            "cycle": (net.translate(ab, "b", "a") - ba).pow(2).sum(-1).mean()
-            + (net.translate(ba_, "a", "b") - bb).pow(2).sum(-1).mean(),
+            "latent_adversarial": _gan_g(d_lat, za) + (d_lat(zb)).pow(2).mean(),
+            "reconstruction": _cos_loss(net.decode(za, "a"), ba) + _cos_loss(net.decode(zb, "b"), bb),
+            "cycle": _cos_loss(net.translate(ab, "b", "a"), ba) + _cos_loss(net.translate(ba_, "a", "b"), bb),
             "vsp": _vsp(ab, ba) + _vsp(ba_, bb),
         }
         loss = sum(getattr(w, k) * v for k, v in terms.items())
@@ -201,12 +296,15 @@ def train_vec2vec(
         d_loss.backward()
         opt_d.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log.append({"step": step, "loss": loss.item(), "disc": d_loss.item(),
-                        **{k: v.item() for k, v in terms.items()}})
+            row = {"step": step, "loss": loss.item(), "disc": d_loss.item(), **{k: v.item() for k, v in terms.items()}}
+            log.append(row)
+            if progress is not None:
+                progress(row)
     meta = MapMeta(kind=Vec2VecMap.kind, source=_model_id(source, "source", cfg.dim_a),
                    target=_model_id(target, "target", cfg.dim_b), anchors=0,
                    extra={"method": "vec2vec", "config": dataclasses.asdict(cfg), "direction": "ab",
                           "steps": steps, "seed": seed, "weights": dataclasses.asdict(w),
+                          "init": init if isinstance(init, str) or init is None else "map",
                           "source_count": len(xa), "target_count": len(xb)})
     return Vec2VecMap(copy.deepcopy(net).eval(), meta), log
 

@@ -155,7 +155,8 @@ def test_unsupervised_score_needs_no_pairs_and_sees_distribution_mismatch(unpair
     rot = u @ vh
     exact = unsupervised_score(lambda x: x @ rot.T, lambda y: y @ rot, a, b, n=512)
     ident = unsupervised_score(lambda x: x, lambda y: y, a, b, n=512)
-    assert exact["cycle"] < 1e-8 and exact["vsp"] < 1e-8 and ident["cycle"] < 1e-8 and ident["vsp"] < 1e-8
+    # vsp is a mean absolute difference (as in the public code): float32 noise is ~1e-7, not ~1e-14.
+    assert exact["cycle"] < 1e-8 and exact["vsp"] < 1e-5 and ident["cycle"] < 1e-8 and ident["vsp"] < 1e-5
     assert exact["mmd"] < 0.01 < 0.05 < ident["mmd"]
     assert exact["score"] < ident["score"]
 
@@ -185,3 +186,15 @@ def test_vec2vec_best_of_seeds_keeps_the_lowest_unsupervised_score(unpaired, tmp
     m = Vec2VecMap.fit_embeddings(EmbeddingSet({"image": a}, ModelId("A", D)),
                                   EmbeddingSet({"image": b}, ModelId("B", D)), seeds=[0, 1], score_rows=100, **kw)
     assert [s["seed"] for s in m.meta.extra["selection"]["scores"]] == [0, 1]
+
+
+def test_vec2vec_from_an_unpaired_start_recovers_the_planted_rotation(unpaired):
+    """No pairs anywhere: MNN-Procrustes as vec2vec's start (``init="mnn"``), then adversarial, cycle and VSP
+    training; the planted rotation is recovered at top-1 >= 0.99 among 500 and training does not undo it."""
+    a, b, ta, tb = unpaired["a"], unpaired["b"], unpaired["test_a"], unpaired["test_b"]
+    m, log = train_vec2vec(a, b, init="mnn", steps=100, batch_size=128, hidden_dim=64, seed=0, log_every=50)
+    r = translation_metrics(m.apply(ta), tb)
+    assert r["top1"] >= 0.99 and r["mean_cosine"] > 0.97, r
+    assert m.meta.extra["init"] == "mnn" and log[-1]["cycle"] < 0.05
+    back = translation_metrics(m.inverse().apply(tb), ta)
+    assert back["top1"] >= 0.99
