@@ -25,7 +25,7 @@ from dualenc.plugins.checks import as_matrix
 from dualenc.plugins.mapfile import MapMeta
 from dualenc.plugins.maps import EmbeddingMap, Modality
 from dualenc.plugins.procrustes import _model_id
-from dualenc.progress import progress
+from dualenc.progress import progress as progress_bar
 
 
 class ResidualBlock(nn.Module):
@@ -274,7 +274,7 @@ def train_vec2vec(
     bs = min(batch_size, len(xa), len(xb))
     log: list[dict[str, float]] = []
     net.train()
-    for step in progress(range(steps), desc="vec2vec fit", unit="step"):
+    for step in progress_bar(range(steps), desc="vec2vec fit", unit="step"):
         ba = xa[torch.randint(len(xa), (bs,), generator=g)]
         bb = xb[torch.randint(len(xb), (bs,), generator=g)]
         za, zb = net.latent(ba, "a"), net.latent(bb, "b")
