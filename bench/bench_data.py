@@ -408,6 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Time to the first batch after resuming at each of ``args.resume_positions`` (see the docstring)."""
     from dualenc.data.datamodule import WebDataModule
+    from dualenc.data.stream import ORDER
     from dualenc.data_tools.writer import ShardWriter, encode_image
 
     per_shard, positions = 10_000, sorted(args.resume_positions)
@@ -440,7 +441,7 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
             loader.stream.replay_reads = reads
             if pos:
                 loader.load_state_dict({"ranks": [{"epoch": 0, "positions": {0: pos}, "batches": {0: 0}}],
-                                        "num_workers": 1})
+                                        "num_workers": 1, "order": ORDER})
             t0 = time.perf_counter()
             it = iter(loader)
             out = next(it)
