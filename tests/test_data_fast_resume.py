@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,15 @@ def test_a_loader_state_of_another_data_order_restarts_the_epoch(tmp_path: Path)
     assert loader.resume is None
     loader.load_state_dict({**old, "order": stream_mod.ORDER})
     assert loader.resume is not None and loader.resume.positions == {0: 3}
+
+
+def test_buffer_state_drawn_backwards_in_chunks_equals_all_steps() -> None:
+    for size, steps in [(5, 0), (5, 3), (5, 40), (64, 1000), (7, 10_000)]:
+        for key in (1, 2**63 + 5):
+            full = stream_mod._Shuffle.held(size, key, steps, chunk=max(steps, 1))
+            assert np.array_equal(stream_mod._Shuffle.held(size, key, steps, chunk=3), full)
+            # and by stepping the shuffle itself
+            buf = list(range(size))
+            for k, u in zip(range(steps), stream_mod._draws(key)):
+                buf[int(u * size)] = size + k
+            assert full.tolist() == buf

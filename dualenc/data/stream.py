@@ -192,12 +192,21 @@ class _Shuffle:
             yield buf.pop()
 
     @staticmethod
-    def held(size: int, key: int, steps: int) -> np.ndarray:
+    def held(size: int, key: int, steps: int, chunk: int = 0) -> np.ndarray:
         """Which item of the pass each slot holds after ``steps`` steps (the buffer was full): the one
-        that entered at the last step choosing that slot, else the one that filled it."""
-        slots = (uniforms(key, 0, steps) * size).astype(np.int64)
+        that entered at the last step choosing that slot, else the one that filled it. Steps are
+        drawn backwards a chunk at a time until every slot is decided (about size * ln(size) steps,
+        not all of them)."""
+        chunk = chunk or max(8 * size, 4096)
         last = np.full(size, -1, dtype=np.int64)
-        np.maximum.at(last, slots, np.arange(steps, dtype=np.int64))
+        hi = steps
+        while hi > 0 and (last < 0).any():
+            lo = max(0, hi - chunk)
+            slots = (uniforms(key, lo, hi - lo) * size).astype(np.int64)
+            here = np.full(size, -1, dtype=np.int64)
+            np.maximum.at(here, slots, np.arange(lo, hi, dtype=np.int64))
+            last = np.where(last < 0, here, last)
+            hi = lo
         return np.where(last >= 0, last + size, np.arange(size))
 
 
