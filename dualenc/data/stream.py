@@ -4,7 +4,8 @@ Everything a worker yields is a pure function of (seed, epoch, rank, world size,
 workers) and the shards' sample counts: the shard order, the shard split, the shuffle buffer, the
 source mixing and the augmentation of each sample. A worker counts the raw slots it has emitted
 (before decoding, so corrupt samples count too); given that count for the last batch the trainer
-consumed, a resumed worker replays the shuffle on (shard, index) tokens from the counts alone, then
+consumed, a resumed worker computes the shuffle's state there from the counts alone (the shuffle's
+draws are counter-based, so this is a few numpy calls, not a step per position), then
 reads only the samples the shuffle buffer still holds (seeking past the others) and goes on exactly
 where it stopped: no sample twice, none skipped, the same augmentation. Neither webdataset nor
 open_clip can resume mid-epoch; this is why the reading loop is ours.
