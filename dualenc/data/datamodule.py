@@ -16,7 +16,7 @@ from dualenc.data.decode import SampleDecoder
 from dualenc.data.evalsets import EvalSets, as_eval_sets
 from dualenc.data.gpu_decode import byte_preprocessing, decode_batch
 from dualenc.data.sources import expand_urls, shard_counts
-from dualenc.data.stream import ShardStream, Source, StreamState
+from dualenc.data.stream import ORDER, ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
 from dualenc.errors import ConfigError
@@ -111,7 +111,7 @@ class StreamLoader(DataLoader):
             # Lightning builds the checkpoint on every rank, so this collective is safe here.
             ranks = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(ranks, local)
-        return {"ranks": ranks, "num_workers": self.num_workers}
+        return {"ranks": ranks, "num_workers": self.num_workers, "order": ORDER}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume = self.resume_state(state)
@@ -125,6 +125,11 @@ class StreamLoader(DataLoader):
             warnings.warn(f"resuming with {world} rank(s) x {self.num_workers} worker(s), the checkpoint had "
                           f"{len(state['ranks'])} x {state['num_workers']}: the interrupted epoch's data restarts "
                           "from its beginning", stacklevel=2)
+            return None
+        if state.get("order", 1) != ORDER:
+            warnings.warn(f"the checkpoint's loader state is of data order {state.get('order', 1)}, this dualenc "
+                          f"shuffles in order {ORDER}: the interrupted epoch's data restarts from its beginning "
+                          "(resuming it mid-epoch would repeat and skip samples)", stacklevel=2)
             return None
         mine = state["ranks"][rank]
         if mine["epoch"] < 0:

@@ -4,7 +4,8 @@ Everything a worker yields is a pure function of (seed, epoch, rank, world size,
 workers) and the shards' sample counts: the shard order, the shard split, the shuffle buffer, the
 source mixing and the augmentation of each sample. A worker counts the raw slots it has emitted
 (before decoding, so corrupt samples count too); given that count for the last batch the trainer
-consumed, a resumed worker replays the shuffle on (shard, index) tokens from the counts alone, then
+consumed, a resumed worker computes the shuffle's state there from the counts alone (the shuffle's
+draws are counter-based, so this is a few numpy calls, not a step per position), then
 reads only the samples the shuffle buffer still holds (seeking past the others) and goes on exactly
 where it stopped: no sample twice, none skipped, the same augmentation. Neither webdataset nor
 open_clip can resume mid-epoch; this is why the reading loop is ours.
@@ -16,14 +17,16 @@ k-th sample. Every worker yields the same number of batches, cycling its samples
 
 from __future__ import annotations
 
+import bisect
 import heapq
-import math
+import itertools
 import random
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -31,6 +34,11 @@ from dualenc.data.tario import count_slots, iter_slots
 
 Raw = dict[str, Any]
 Token = tuple  # (source, cycle, part, index); part -1 marks an empty shard
+# The data order's version, saved in the loader state: a checkpoint of another order is not resumed
+# mid-epoch (1: Python's random per shuffle step; 2: counter-based draws, replayed in numpy).
+ORDER = 2
+_SHUFFLE, _MIX = 1, 2  # tags of the counter-based draw streams
+_M64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass
@@ -75,6 +83,28 @@ def sample_seed(*parts: int) -> int:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x >> 1
+
+
+def uniforms(key: int, start: int, n: int) -> np.ndarray:
+    """Draws ``start .. start + n - 1`` of the counter-based stream ``key``: floats in [0, 1).
+
+    Draw ``k`` is splitmix64 of ``key + k``: a pure function of its index, so a resume computes the
+    draws of a million shuffle steps in one numpy call instead of stepping an RNG through them.
+    """
+    with np.errstate(over="ignore"):
+        z = np.arange(start + 1, start + n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z += np.uint64(key & _M64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _draws(key: int, start: int = 0, chunk: int = 4096) -> Iterator[float]:
+    """The stream ``key`` from draw ``start`` on, computed a chunk at a time."""
+    while True:
+        yield from uniforms(key, start, chunk).tolist()
+        start += chunk
 
 
 @contextmanager
@@ -132,24 +162,53 @@ def split_shards(urls: list[str], counts: list[int | None], slots: int) -> tuple
 
 
 class _Shuffle:
-    """Buffered shuffle over one pass; ``buf`` is exactly what it holds, for a resume to read back."""
+    """Buffered shuffle over one pass; ``buf`` is exactly what it holds, for a resume to read back.
 
-    def __init__(self, items: Iterator[Token], size: int, rng: random.Random) -> None:
-        self.items, self.size, self.rng = items, size, rng
-        self.buf: list[Token] = []
+    Step ``k`` (the ``k``-th item once the buffer is full) swaps the item into slot
+    ``floor(u_k * size)`` of the counter-based draws ``u`` of ``key`` and yields what was there; at
+    the end of the pass the buffer is shuffled by ``flush`` and emptied. ``at`` resumes a pass:
+    the buffer as it was, the step reached, whether it was flushing.
+    """
+
+    def __init__(self, items: Iterator[Token], size: int, key: int, flush: random.Random,
+                 at: tuple[list[Token], int, bool] | None = None) -> None:
+        self.items, self.size, self.key, self.flush = items, size, key, flush
+        self.buf, self.step, self.flushing = at if at is not None else ([], 0, False)
 
     def __iter__(self) -> Iterator[Token]:
-        buf, rand = self.buf, self.rng.random
-        for item in self.items:
-            if len(buf) < self.size:
-                buf.append(item)
-                continue
-            i = int(rand() * len(buf))
-            buf[i], item = item, buf[i]
-            yield item
-        self.rng.shuffle(buf)
+        buf, size = self.buf, self.size
+        if not self.flushing:
+            draws = _draws(self.key, self.step)
+            for item in self.items:
+                if len(buf) < size:
+                    buf.append(item)
+                    continue
+                i = int(next(draws) * size)
+                self.step += 1
+                buf[i], item = item, buf[i]
+                yield item
+            self.flush.shuffle(buf)
+            self.flushing = True
         while buf:
             yield buf.pop()
+
+    @staticmethod
+    def held(size: int, key: int, steps: int, chunk: int = 0) -> np.ndarray:
+        """Which item of the pass each slot holds after ``steps`` steps (the buffer was full): the one
+        that entered at the last step choosing that slot, else the one that filled it. Steps are
+        drawn backwards a chunk at a time until every slot is decided (about size * ln(size) steps,
+        not all of them)."""
+        chunk = chunk or max(8 * size, 4096)
+        last = np.full(size, -1, dtype=np.int64)
+        hi = steps
+        while hi > 0 and (last < 0).any():
+            lo = max(0, hi - chunk)
+            slots = (uniforms(key, lo, hi - lo) * size).astype(np.int64)
+            here = np.full(size, -1, dtype=np.int64)
+            np.maximum.at(here, slots, np.arange(lo, hi, dtype=np.int64))
+            last = np.where(last < 0, here, last)
+            hi = lo
+        return np.where(last >= 0, last + size, np.arange(size))
 
 
 @dataclass
@@ -162,6 +221,10 @@ class _Ctx:
     parts: list[Part] = field(default_factory=list)
     part: tuple[int, int] = (0, -1)  # (cycle, part) being generated
     shuffle: _Shuffle | None = None
+
+
+def _empty_slot(url: str) -> Raw:
+    return {"__key__": url, "__url__": url, "__skipped__": {"empty_shard": 1}, "__drop__": True}
 
 
 class ShardStream(IterableDataset):
@@ -234,14 +297,25 @@ class ShardStream(IterableDataset):
         return mine, (empty[slot] if cycle == 0 else [])
 
     # -- tokens, and the slots they stand for --------------------------------------------------
-    def _tokens(self, source: int, cycle: int, parts: list[Part], empty: list[str], ctx: _Ctx) -> Iterator[Token]:
+    def _tokens(self, source: int, cycle: int, parts: list[Part], empty: list[str], ctx: _Ctx,
+                skip: int = 0) -> Iterator[Token]:
+        """The pass's tokens, from its ``skip``-th on (a fast resume: the buffered ones are read back)."""
         for k, url in enumerate(empty):
+            if k < skip:
+                continue
             t = (source, cycle, -1, k)
-            ctx.store[t] = {"__key__": url, "__url__": url, "__skipped__": {"empty_shard": 1}, "__drop__": True}
+            ctx.store[t] = _empty_slot(url)
             yield t
+        skip = max(0, skip - len(empty))
         for p, part in enumerate(parts):
             ctx.part = (cycle, p)
             nxt, n = part.phase, float("inf")  # next index of this part to hand on; its slots
+            if skip:
+                m = len(range(part.phase, self._count(part), part.stride))
+                if skip >= m:
+                    skip -= m
+                    continue
+                nxt, skip = part.phase + skip * part.stride, 0
             if not ctx.live:  # replaying: the counts say which tokens come, nothing is read
                 n = self._count(part)
                 while nxt < n and not ctx.live:
@@ -269,14 +343,23 @@ class ShardStream(IterableDataset):
                     break
         ctx.part = (cycle, len(parts))  # done: buffered tokens of any part are read back by _go_live
 
-    def _source_stream(self, source: int, worker: int, workers: int, ctx: _Ctx) -> Iterator[Token]:
+    def _shuffle_key(self, source: int, worker: int, cycle: int) -> tuple[int, random.Random]:
+        """The counter-based stream of a pass's shuffle steps, and the RNG of its final flush."""
+        return (sample_seed(self.seed, self.state.epoch, _SHUFFLE, source, self.rank, worker, cycle),
+                _rng(self.seed, self.state.epoch, "shuffle", source, self.rank, worker, cycle))
+
+    def _source_stream(self, source: int, worker: int, workers: int, ctx: _Ctx,
+                       start: tuple[int, int, Any] | None = None) -> Iterator[Token]:
         cycle, scan = 0, False
+        skip, at = 0, None  # a fast resume's place in its pass: tokens passed, the shuffle's state
+        if start is not None:
+            cycle, skip, at = start
         while True:  # cycle through this worker's shards until the epoch's batches are made
             parts, empty = self.plan(source, worker, workers, cycle, scan)
-            got = 0
-            tokens = self._tokens(source, cycle, parts, empty, ctx)
-            shuffle = _Shuffle(tokens, self.shuffle_buffer, _rng(self.seed, self.state.epoch, "shuffle", source,
-                                                                  self.rank, worker, cycle))
+            got = int(bool(skip))  # a resumed pass had samples before the resume point
+            tokens = self._tokens(source, cycle, parts, empty, ctx, skip)
+            shuffle = _Shuffle(tokens, self.shuffle_buffer, *self._shuffle_key(source, worker, cycle), at=at)
+            skip, at = 0, None
             ctx.shuffle = shuffle
             # The buffer is flushed at the end of each pass, so one pass ends before the next begins:
             # a sample never appears twice within a pass even when the buffer exceeds the data.
@@ -292,23 +375,69 @@ class ShardStream(IterableDataset):
                                    f"source {source}; check that the shards are readable and non-empty")
             cycle += 1
 
-    def _raw_stream(self, worker: int, workers: int) -> tuple[list[_Ctx], Iterator[Token]]:
-        ctxs = [_Ctx() for _ in self.sources]
-        streams = [self._source_stream(i, worker, workers, c) for i, c in enumerate(ctxs)]
+    def _mix(self, worker: int) -> tuple[int, list[float]]:
+        cum, total = [], 0.0
+        for s in self.sources:
+            total += s.weight
+            cum.append(total)
+        return sample_seed(self.seed, self.state.epoch, _MIX, self.rank, worker), cum
+
+    def _raw_stream(self, worker: int, workers: int, ctxs: list[_Ctx], starts: list | None = None,
+                    pos: int = 0) -> Iterator[Token]:
+        """Raw position ``pos`` on of the worker's tokens; ``starts``: each source's place there."""
+        streams = [self._source_stream(i, worker, workers, c, starts[i] if starts else None)
+                   for i, c in enumerate(ctxs)]
         if len(streams) == 1:
-            return ctxs, streams[0]
-        pick = _rng(self.seed, self.state.epoch, "mix", self.rank, worker)
-        weights = [s.weight for s in self.sources]
+            return streams[0]
+        key, cum = self._mix(worker)
+        last = len(cum) - 1
 
-        def mix() -> Iterator[Token]:
-            while True:
-                yield next(pick.choices(streams, weights)[0])
-        return ctxs, mix()
+        def mix() -> Iterator[Token]:  # the source of raw position k: weighted by counter-based draw k
+            for u in _draws(key, pos):
+                yield next(streams[min(bisect.bisect(cum, u * cum[-1]), last)])
+        return mix()
 
-    def _go_live(self, source: int, ctx: _Ctx) -> None:
+    def _seek(self, source: int, worker: int, workers: int, consumed: int) -> tuple | None:
+        """Where the source's stream is after ``consumed`` tokens, from the counts alone (numpy, no
+        stepping through them): (start for ``_source_stream``, parts, part reached, buffer), or None
+        where a pass of this worker has no sample (the stream must be replayed step by step)."""
+        size, cycle = self.shuffle_buffer, 0
+        while True:
+            parts, empty = self.plan(source, worker, workers, cycle)
+            sizes = [len(range(p.phase, self._count(p), p.stride)) for p in parts]
+            if not any(sizes):
+                return None
+            n = len(empty) + sum(sizes)
+            if consumed < n:
+                break
+            consumed, cycle = consumed - n, cycle + 1
+        starts = list(itertools.accumulate([len(empty)] + sizes[:-1]))
+
+        def token(i: int) -> Token:
+            if i < len(empty):
+                return (source, cycle, -1, i)
+            p = bisect.bisect(starts, i) - 1
+            return (source, cycle, p, parts[p].phase + parts[p].stride * (i - starts[p]))
+
+        buf: list[Token] = []
+        skip, at = consumed, None
+        if size and consumed:
+            key, flush = self._shuffle_key(source, worker, cycle)
+            steps = n - min(size, n)  # steps of the pass once its buffer is full
+            if consumed <= steps:
+                buf = [token(i) for i in _Shuffle.held(size, key, consumed).tolist()]
+                skip, at = size + consumed, (buf, consumed, False)
+            else:  # in the final flush: some of the shuffled buffer is popped already
+                buf = [token(i) for i in (_Shuffle.held(size, key, steps).tolist() if steps else range(n))]
+                flush.shuffle(buf)
+                del buf[len(buf) - (consumed - steps):]
+                skip, at = n, (buf, steps, True)
+        current = next((p for p in range(len(parts)) if skip < starts[p] + sizes[p]), len(parts))
+        return (cycle, skip, at), parts, empty, (cycle, current), buf
+
+    def _go_live(self, source: int, ctx: _Ctx, held: list[Token]) -> None:
         """After a replay: read the slots the shuffle buffer holds, from parts the generator has left."""
-        ctx.needed = set(ctx.shuffle.buf) if ctx.shuffle is not None else set()
-        ctx.needed -= set(ctx.store)
+        ctx.needed = set(held) - set(ctx.store)
         cycle, current = ctx.part
         done: dict[int, set[int]] = {}
         for t in ctx.needed:
@@ -324,6 +453,26 @@ class ShardStream(IterableDataset):
                     break
         ctx.live = True
 
+    def _resume(self, worker: int, workers: int, pos: int) -> tuple[list[_Ctx], Iterator[Token]] | None:
+        """The raw stream at ``pos``, its shuffle state computed from counts (see ``_seek``), or None."""
+        if len(self.sources) == 1:
+            per_source = [pos]
+        else:
+            key, cum = self._mix(worker)
+            picked = np.searchsorted(np.asarray(cum), uniforms(key, 0, pos) * cum[-1], side="right")
+            per_source = np.bincount(np.minimum(picked, len(cum) - 1), minlength=len(cum)).tolist()
+        seeks = [self._seek(i, worker, workers, n) for i, n in enumerate(per_source)]
+        if any(s is None for s in seeks):
+            return None
+        ctxs = [_Ctx() for _ in self.sources]
+        for i, (ctx, (_, parts, empty, part, buf)) in enumerate(zip(ctxs, seeks)):
+            ctx.parts, ctx.part = parts, part
+            for t in buf:
+                if t[2] < 0:
+                    ctx.store[t] = _empty_slot(empty[t[3]])
+            self._go_live(i, ctx, buf)
+        return ctxs, self._raw_stream(worker, workers, ctxs, [s[0] for s in seeks], pos)
+
     # -- batches ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -332,16 +481,21 @@ class ShardStream(IterableDataset):
         made = self.state.batches.get(worker, 0)
         self.skipped.clear()  # per epoch; a resumed worker starts from the counts it had
         self.skipped.update(self.state.skipped.get(worker, {}))
-        ctxs, raw = self._raw_stream(worker, workers)
-        if pos:
+        resumed = self._resume(worker, workers, pos) if pos and not self.replay_reads else None
+        if resumed is not None:
+            ctxs, raw = resumed
+        else:
+            ctxs = [_Ctx() for _ in self.sources]
+            raw = self._raw_stream(worker, workers, ctxs)
+        if pos and resumed is None:  # step by step (``replay_reads``: by reading every byte, as before)
             for c in ctxs:
                 c.live = self.replay_reads
-            for _ in range(pos):  # replay to the resume point from the counts: nothing is read
+            for _ in range(pos):
                 t = next(raw)
                 ctxs[t[0]].store.pop(t, None)
             for i, c in enumerate(ctxs):
                 if not c.live:
-                    self._go_live(i, c)
+                    self._go_live(i, c, c.shuffle.buf if c.shuffle is not None else [])
         epoch, batch = self.state.epoch, []
         while made < self.batches_per_worker:
             t = next(raw)

@@ -16,6 +16,7 @@ replay the shuffle from counts alone.
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import tarfile
@@ -23,11 +24,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
+import numpy as np
+
 from dualenc.data.sources import REMOTE_PREFIXES
 
 Raw = dict
 BLOCK = 512
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_ZERO = bytes(BLOCK)
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -144,8 +148,13 @@ class TarWalker:
 
     def members(self) -> Iterator[Member]:
         """Regular-file members in order; raises CorruptTar on truncation or a missing end marker."""
-        name = size = None  # from a preceding pax / GNU long-name header
         nxt = 0
+        if self.seekable and self.size is not None:
+            for listed, nxt in indexed_members(self.f, self.size):
+                yield from listed
+                if nxt is None:
+                    return
+        name = size = None  # from a preceding pax / GNU long-name header
         while True:
             self._skip_to(nxt)
             buf = self._read(BLOCK)
@@ -174,6 +183,67 @@ class TarWalker:
                 yield Member(member_name, data_at, h_size, cut)
             if cut:
                 raise CorruptTar("archive ends inside a member", in_member=True)
+
+
+def indexed_members(f: IO[bytes], size: int, chunk: int = 128) -> Iterator[tuple[list[Member], int | None]]:
+    """A local shard's regular-file members, ``chunk`` headers at a time, each with the offset of the
+    next header (None: the end-of-archive marker). Stops early where anything is unusual (pax or
+    GNU long names, base-256 sizes, truncation, a bad checksum): ``TarWalker`` walks on carefully
+    from the last offset.
+
+    Headers are read from a memory map (only their pages are touched) with the least work per
+    header, and a chunk's checksums are verified in one numpy pass before it is handed on: ~2-3x
+    faster than the careful walk, which is most of what a resume costs (it reads back the shards
+    the shuffle buffer holds).
+    """
+    if size < BLOCK:
+        return
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = np.frombuffer(mm, np.uint8)
+        off = 0
+        try:
+            while True:
+                offsets: list[int] = []
+                sums: list[int] = []
+                out: list[Member] = []
+                end = False
+                while len(offsets) < chunk:
+                    if off + BLOCK > size:
+                        return
+                    h = mm[off : off + BLOCK]
+                    if h == _ZERO:
+                        end = True
+                        break
+                    kind = h[156:157]
+                    if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                                tarfile.GNUTYPE_LONGLINK) or h[124] & 0x80:
+                        return
+                    try:
+                        n = _octal(h[124:136])
+                        sums.append(_octal(h[148:156]))
+                    except ValueError:
+                        return
+                    offsets.append(off)
+                    if off + BLOCK + n > size:
+                        return
+                    if kind in _FILE_TYPES:
+                        name = h[:100].split(b"\0", 1)[0]
+                        if h[257:263] == b"ustar\0":
+                            prefix = h[345:500].split(b"\0", 1)[0]
+                            if prefix:
+                                name = prefix + b"/" + name
+                        out.append(Member(name.decode("utf-8", "surrogateescape"), off + BLOCK, n))
+                    off += BLOCK + n + (-n) % BLOCK
+                if offsets:
+                    blocks = view[np.asarray(offsets)[:, None] + np.arange(BLOCK)]
+                    got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+                    if not np.array_equal(got, np.asarray(sums)):
+                        return
+                yield out, None if end else off
+                if end:
+                    return
+        finally:
+            del view  # the map cannot close while a view of it lives
 
 
 def _pax(data: bytes) -> dict[str, str]:
