@@ -38,3 +38,14 @@ def test_robust_mnn_procrustes_recovers_a_planted_rotation_of_real_minilm(plante
     assert metrics["top1"] >= 0.95, metrics
     # Not just ranks: translations land on their true targets (0.915 measured; identity scores ~0).
     assert metrics["mean_cosine"] >= 0.85, metrics
+
+
+def test_csls_pairs_pair_every_point_both_ways():
+    from dualenc.plugins.unpaired import csls_pairs
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 16, generator=g)
+    perm = torch.randperm(300, generator=g)
+    i, j = csls_pairs(a, a[perm])  # the same points shuffled: CSLS's best match is the true one
+    assert len(i) == 600
+    assert bool((perm[j] == i).all())
