@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="vec2vec learning rate")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--robust", action="store_true", help="MNN-Procrustes with CSLS + stochastic dictionary induction")
     p.add_argument("--no-vec2vec", action="store_true")
@@ -92,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     m, sec = mnn(xa, xb, a.robust)
     res["mnn_procrustes" + ("_robust" if a.robust else "")] = scored(lambda x: m.apply(x.double()), a_eval, b_eval, seconds=sec,
                                    mnn_pairs=m.meta.extra["mnn_pairs"], iterations=m.meta.extra["iterations"])
-    key = f"{a.part}_{n}_a_side" + (f"_eps{nl}" if nl else "") + ("_robust" if a.robust else "")
+    key = f"{a.part}_{n}_a_side" + (f"_eps{nl}" if nl else "") + ("_robust" if a.robust else "") \
+        + (f"_lr{a.lr:g}" if a.lr != 1e-3 else "")
     _merge(a.out, key, res)
     if a.no_vec2vec:
         return 0
     log(f"vec2vec from the MNN map: {a.steps} steps, hidden {a.hidden}, batch {a.batch_size}")
     t0 = time.time()
-    v, hist = train_vec2vec(xa, xb, init=m, steps=a.steps, hidden_dim=a.hidden, batch_size=a.batch_size,
+    v, hist = train_vec2vec(xa, xb, init=m, steps=a.steps, hidden_dim=a.hidden, batch_size=a.batch_size, lr=a.lr,
                             log_every=max(1, a.steps // 5))
     res["vec2vec_init_mnn" + ("_robust" if a.robust else "")] = scored(lambda x: v.apply(x.float()), a_eval, b_eval, seconds=time.time() - t0,
                                      steps=a.steps, losses=hist)
