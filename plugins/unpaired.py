@@ -6,6 +6,14 @@ comparing the quantiles of the projections on both sides (a rotation preserves e
 then improved greedily, one sign flip at a time, by the mean nearest-neighbour similarity of a
 subsample. Then, repeatedly: map the source, pair each point with its mutual nearest neighbour in the
 target, refit Procrustes on those pairs (until the pairs stop changing).
+
+That plain loop stalls in a local optimum when each side has only a few thousand vectors (a planted
+rotation of real MiniLM embeddings: top-1 0.11 among 8,192 at 4,096 a side, 1.00 at 8,192).
+``robust=True`` uses the two fixes of unsupervised word-translation work instead: CSLS similarities
+(Conneau et al. 2018, "Word Translation Without Parallel Data": a point's similarity minus the mean
+similarity of its k nearest neighbours, against hubs) and stochastic dictionary induction (Artetxe et
+al. 2018, VecMap: each similarity entry is dropped at random, the keep-probability rising from 0.1 to
+1, so early iterations explore), pairing every point with its nearest neighbour both ways.
 """
 
 from __future__ import annotations
@@ -83,6 +91,40 @@ def mutual_nn(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> tuple[torc
     return i[keep], best_b[keep]
 
 
+def csls_pairs(a: torch.Tensor, b: torch.Tensor, keep: float = 1.0, k: int = 10, chunk: int = 4096,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j): each a[i] with its best b by CSLS, and each b[j] with its best a (not only mutual).
+
+    Entries are kept with probability ``keep`` (stochastic dictionary induction). Chunked: memory is
+    ``chunk`` x len(b), never the whole similarity matrix.
+    """
+    a, b = F.normalize(a, dim=-1).float(), F.normalize(b, dim=-1).float()
+    k = max(1, min(k, len(a), len(b)))
+
+    full = a @ b.T if len(a) * len(b) <= 2 ** 25 else None  # small enough (<= 128 MB): one product, not three
+
+    def knn_mean(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(p[s:s + chunk] @ q.T).topk(k, dim=1).values.mean(1) for s in range(0, len(p), chunk)])
+
+    if full is not None:
+        ra, rb = full.topk(k, dim=1).values.mean(1), full.topk(k, dim=0).values.mean(0)
+        chunk = len(a)
+    else:
+        ra, rb = knn_mean(a, b), knn_mean(b, a)
+    best_b = torch.empty(len(a), dtype=torch.long)
+    col_best = torch.full((len(b),), -float("inf"))
+    col_arg = torch.zeros(len(b), dtype=torch.long)
+    for s in range(0, len(a), chunk):
+        sims = 2 * (full if full is not None else a[s:s + chunk] @ b.T) - ra[s:s + chunk, None] - rb[None, :]
+        if keep < 1.0:
+            sims = sims.masked_fill(torch.rand(sims.shape, generator=generator) >= keep, -float("inf"))
+        best_b[s:s + chunk] = sims.argmax(1)
+        v, i = sims.max(0)
+        better = v > col_best
+        col_best[better], col_arg[better] = v[better], i[better] + s
+    return torch.cat([torch.arange(len(a)), col_arg]), torch.cat([best_b, torch.arange(len(b))])
+
+
 def fit_mnn_procrustes(
     source_emb: torch.Tensor,
     target_emb: torch.Tensor,
@@ -93,6 +135,8 @@ def fit_mnn_procrustes(
     target: Any = None,
     init: Literal["pca", "identity"] = "pca",
     iters: int = 20,
+    robust: bool = False,
+    seed: int = 0,
     on_few_anchors: Literal["warn", "error"] = "warn",
 ) -> OrthogonalMap:
     """Unpaired orthogonal map from two sets of embeddings of *different* items of one distribution."""
@@ -108,8 +152,13 @@ def fit_mnn_procrustes(
         raise ValueError(f"init must be 'pca' or 'identity', got {init!r}")
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None
     done = 0
+    g = torch.Generator().manual_seed(seed)
     for done in range(1, iters + 1):
-        i, j = mutual_nn(xc @ q.T, yc)
+        if robust:  # keep-probability 0.1 -> 1 over the first 70% of the iterations, then plain CSLS
+            keep = min(1.0, 0.1 + 0.9 * (done - 1) / max(1, round(0.7 * iters) - 1))
+            i, j = csls_pairs(xc @ q.T, yc, keep=keep, generator=g)
+        else:
+            i, j = mutual_nn(xc @ q.T, yc)
         if pairs is not None and len(i) == len(pairs[0]) and bool((i == pairs[0]).all() and (j == pairs[1]).all()):
             break
         pairs = (i, j)
@@ -124,7 +173,7 @@ def fit_mnn_procrustes(
         means["text_target"] = as_matrix(target_text, "target text").mean(0)
     meta = MapMeta(kind=OrthogonalMap.kind, source=_model_id(source, "source", x.shape[1]),
                    target=_model_id(target, "target", y.shape[1]), anchors=0,
-                   extra={"method": "mnn_procrustes", "init": init, "iterations": done, "mnn_pairs": n_pairs,
+                   extra={"method": "mnn_procrustes", "init": init, "robust": robust, "iterations": done, "mnn_pairs": n_pairs,
                           "source_count": x.shape[0], "target_count": y.shape[0]})
     return OrthogonalMap(q, means, meta)
 
