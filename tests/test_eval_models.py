@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_eval_support import TEMPLATES, minilm_dir, write_labelled_shards
+from tests_helpers import tiny_hf_clip_dir
 from test_eval_support import one_thread  # noqa: F401 - autouse fixture
 
 from dualenc.errors import UserError
@@ -19,22 +20,7 @@ from dualenc.eval.zeroshot import zeroshot_metrics
 
 
 def hf_clip_dir(root: Path) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-
-    from conftest import copy_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=101,
-                         eos_token_id=102),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16),
-        projection_dim=12)
-    path = root / "hf_clip"
-    CLIPModel(config).eval().save_pretrained(path)
-    copy_tokenizer(minilm_dir(), path)
-    return path
+    return tiny_hf_clip_dir(root, minilm_dir())
 
 
 def test_texts_travel_as_utf8_bytes() -> None:

@@ -115,22 +115,12 @@ def test_open_clip_target_offline(tmp_path, single_thread):
 
 
 def test_hf_clip_target_offline(tmp_path, minilm_dir, single_thread):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    from conftest import copy_tokenizer
+    from tests_helpers import tiny_hf_clip_dir
 
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=101,
-                         eos_token_id=102),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16),
-        projection_dim=12)
-    model = CLIPModel(config).eval()
-    path = tmp_path / "hf_clip"
-    model.save_pretrained(path)
-    copy_tokenizer(minilm_dir, path)
+    path = tiny_hf_clip_dir(tmp_path, minilm_dir)
+    model = CLIPModel.from_pretrained(path).eval()
     t = build_target("hf_clip", path=str(path))
     assert isinstance(t, HFClipTarget) and t.embed_dim == 12 and t.image_size == 32 and t.context_length == 16
     check_frozen(t)

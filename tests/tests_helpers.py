@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +103,23 @@ def spawn_ranks(worker, args: tuple, world: int, timeout_s: float) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def tiny_hf_clip_dir(root: Path, tokenizer_src: str | Path) -> Path:
+    """A tiny random HF CLIPModel saved to ``root/hf_clip`` with a real (MiniLM) tokenizer beside it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from conftest import copy_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=101,
+                         eos_token_id=102),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=12)
+    path = Path(root) / "hf_clip"
+    CLIPModel(config).eval().save_pretrained(path)
+    copy_tokenizer(tokenizer_src, path)
+    return path
