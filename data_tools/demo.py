@@ -9,7 +9,6 @@ alt-text (file names, boilerplate, ~10% captions of a different pair).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import shutil

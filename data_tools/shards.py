@@ -11,7 +11,6 @@ import glob
 import io
 import os
 import re
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ from PIL import Image
 from dualenc.data.decode import IMAGE_EXTS
 from dualenc.data.sources import REMOTE_PREFIXES, expand_urls
 from dualenc.data.tario import iter_samples
+from dualenc.fileio import staged_directory
 
 from .writer import ShardWriter
 
@@ -224,24 +224,6 @@ def staged_output(out_dir: str | os.PathLike, *, overwrite: bool, marker: str,
     out = Path(out_dir)
     inputs = list(inputs)
     check_output_dir(out, overwrite=overwrite, marker=marker, inputs=inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         yield tmp
         check_output_dir(out, overwrite=overwrite, marker=marker, inputs=inputs)  # may have appeared meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

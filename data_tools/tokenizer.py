@@ -7,13 +7,13 @@ local_files_only=True)`` loads it offline, with [PAD]=0 and [CLS] ... [SEP] adde
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+from dualenc.fileio import staged_directory
 from dualenc.progress import progress
 
 # Shard specs are resolved by dualenc.data.sources.expand_urls (via shards.expand_shards, which
@@ -97,24 +97,6 @@ def train_wordpiece(
         model_max_length=model_max_length,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_directory(out) as tmp:  # an interrupted save never leaves a half-written tokenizer
         hf.save_pretrained(tmp)
-        if out.exists():
-            # Swap: move the old dir aside first so a failure never leaves neither in place.
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return hf

@@ -18,6 +18,10 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from dualenc.fileio import fsync_dir, write_json_atomic
+
+__all__ = ["SIZES_FILE", "ShardWriter", "encode_image", "write_json_atomic"]
+
 SIZES_FILE = "sizes.json"
 
 # PIL format name for each supported image extension.
@@ -54,33 +58,6 @@ def _encode_extra(key: str, ext: str, value: ExtraValue) -> bytes:
     raise TypeError(
         f"extra {key}.{ext}: unsupported type {type(value).__name__}; use bytes, str, dict or int"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, so best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file + ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -258,7 +235,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp_path, self._final_path)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._sizes[self._final_path.name] = self._shard_count
         self._shards.append(str(self._final_path))
         self._tar = self._file = None

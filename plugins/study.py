@@ -10,7 +10,6 @@ All maps go from model A's space to model B's; every metric is computed in B's s
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dualenc import fileio
 from dualenc.plugins.baselines import fit_linear, fit_mlp, fit_sinkhorn_procrustes
 from dualenc.plugins.checks import FewAnchorsWarning
 from dualenc.plugins.crossmodel import translation_metrics, zero_shot_accuracy
@@ -265,20 +265,8 @@ def unpaired_study(a_train: torch.Tensor, b_train: torch.Tensor, a_eval: torch.T
 # -- output -------------------------------------------------------------------------------------------
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """JSON via a temporary file and ``os.replace``: a reader never sees half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Results JSON, atomically; insertion order and indent 1 keep committed results' diffs readable."""
+    return fileio.write_json_atomic(path, obj, indent=1, sort_keys=False)
 
 
 def plot_sweep(summary: dict[str, dict[str, dict[str, dict[str, float]]]], metrics: Sequence[tuple[str, str]],

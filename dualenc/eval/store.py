@@ -21,21 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from dualenc.fileio import write_json_atomic  # noqa: F401  (re-exported: eval.report, index)
+
 FORMAT = "dualenc-embedding-dir/1"  # (plugins/embeddings.py names its single-file format dualenc-embeddings/1)
 MANIFEST = "manifest.json"
 FILE_FORMATS = ("npy", "safetensors")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """JSON via a temporary file + ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _replace_into(tmp: Path, final: Path) -> None:
