@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dualenc.data.tario import count_slots, iter_slots
+from dualenc.data.tario import count_slots, iter_slots, read_slots, slot_index
 
 Raw = dict[str, Any]
 Token = tuple  # (source, cycle, part, index); part -1 marks an empty shard
@@ -223,6 +223,13 @@ class _Ctx:
     shuffle: _Shuffle | None = None
 
 
+def _until(slots: Iterator[tuple[int, Raw]], last: int) -> Iterator[tuple[int, Raw]]:
+    for i, slot in slots:
+        yield i, slot
+        if i >= last:
+            return
+
+
 def _empty_slot(url: str) -> Raw:
     return {"__key__": url, "__url__": url, "__skipped__": {"empty_shard": 1}, "__drop__": True}
 
@@ -244,12 +251,14 @@ class ShardStream(IterableDataset):
         shuffle_buffer: in-memory sample shuffle (0 disables; evaluation).
         resampled: draw shards with replacement (for huge datasets or many ranks) instead of splitting.
         seed: base seed for all shuffling and augmentation.
+        index_shards: cache each local shard's slot offsets after reading it whole (``tario.slot_index``),
+            so a resume seeks to the samples its shuffle buffer holds instead of walking headers.
     """
 
     def __init__(self, sources: list[Source], decode: Callable[[Raw], Raw | None], wanted: Callable[[str], bool],
                  skipped: Counter[str], transform: Callable, collate: Callable[[list[Raw]], dict[str, Any]],
                  batch_size: int, batches_per_worker: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 0, resampled: bool = False, seed: int = 0) -> None:
+                 shuffle_buffer: int = 0, resampled: bool = False, seed: int = 0, index_shards: bool = True) -> None:
         super().__init__()
         self.sources = sources
         self.decode, self.wanted, self.skipped = decode, wanted, skipped
@@ -257,6 +266,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.index_shards = index_shards
         self.state = StreamState()  # set by the loader before workers start (epoch, resume point)
         self.replay_reads = False  # benchmarks only: replay by reading every byte, as before counts
         self._scanned: dict[str, int] = {}
@@ -327,11 +337,24 @@ class ShardStream(IterableDataset):
             here = {t[3] for t in ctx.needed if t[1:3] == (cycle, p)}
             last = max(here) if here else -1
             start, stride, phase = nxt, part.stride, part.phase
+            index = slot_index(part.url, part.count) if self.index_shards and (here or start > phase) else None
+            if index is not None:  # a resume into an indexed shard: seek to what it needs
+                for i, slot in read_slots(part.url, self.wanted, sorted(here), index):
+                    ctx.store[(source, cycle, p, i)] = slot
+                    ctx.needed.discard((source, cycle, p, i))
+                if not tail:
+                    continue
+                mine = lambda i, s=stride, f=phase: (i - f) % s == 0  # noqa: E731
+                for i, slot in iter_slots(part.url, self.wanted, part.count, mine, first=start, index=index):
+                    if (i - phase) % stride == 0:
+                        ctx.store[(source, cycle, p, i)] = slot
+                        yield (source, cycle, p, i)
+                continue
 
             def select(i: int, start=start, stride=stride, phase=phase, here=here) -> bool:
                 return i in here or (i >= start and (i - phase) % stride == 0)
 
-            for i, slot in iter_slots(part.url, self.wanted, part.count, select):
+            for i, slot in iter_slots(part.url, self.wanted, part.count, select, record=self.index_shards):
                 t = (source, cycle, p, i)
                 if i in here:
                     ctx.store[t] = slot
@@ -444,13 +467,16 @@ class ShardStream(IterableDataset):
             if t[2] >= 0 and (t[1], t[2]) != (cycle, current):
                 done.setdefault(t[2], set()).add(t[3])
         for p, idx in done.items():
-            last = max(idx)
-            for i, slot in iter_slots(ctx.parts[p].url, self.wanted, ctx.parts[p].count, idx.__contains__):
+            part, last = ctx.parts[p], max(idx)
+            index = slot_index(part.url, part.count) if self.index_shards else None
+            if index is not None:  # seek straight to the buffered samples
+                slots = read_slots(part.url, self.wanted, sorted(idx), index)
+            else:  # walk the shard's headers up to the last one the buffer holds
+                slots = _until(iter_slots(part.url, self.wanted, part.count, idx.__contains__), last)
+            for i, slot in slots:
                 if i in idx:
                     ctx.store[(source, cycle, p, i)] = slot
                     ctx.needed.discard((source, cycle, p, i))
-                if i >= last:
-                    break
         ctx.live = True
 
     def _resume(self, worker: int, workers: int, pos: int) -> tuple[list[_Ctx], Iterator[Token]] | None:
