@@ -293,7 +293,7 @@ class WebDataModule(L.LightningDataModule):
             sources, decoder, decoder.wanted, decoder.skipped, transform,
             collate, self.batch_size, per_worker, rank, world,
             shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed,
-            index_shards=train)
+            index_shards=train, split=name)
         return StreamLoader(stream, num_workers, self._epoch)
 
     def preprocessing(self, train: bool) -> tuple[SampleDecoder, Callable]:
