@@ -480,15 +480,17 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         load_before = os.getloadavg()
         # Positions and caches interleaved within each repeat, so shifting load on a shared machine
-        # hits them alike; the fastest of the repeats: other load only ever slows a run.
+        # hits them alike, in an order rotated from repeat to repeat (so none is always first), after
+        # one warm-up run; the fastest of the repeats: other load only ever slows a run.
         kinds = ("epoch", "warm", "none")
-        runs_at: dict[tuple[int, str], list[float]] = {(pos, k): [] for pos in positions for k in kinds}
+        jobs = [(pos, kind) for pos in positions for kind in (kinds if pos else kinds[:1])]
+        runs_at: dict[tuple[int, str], list[float]] = {job: [] for job in jobs}
         loads = []
-        for _ in range(args.repeats):
+        first_batch(positions[0], False, caches[positions[0], "epoch"])
+        for r in range(args.repeats):
             loads.append(os.getloadavg()[0])
-            for pos in positions:
-                for kind in kinds if pos else kinds[:1]:
-                    runs_at[pos, kind].append(first_batch(pos, False, caches[pos, kind])["seconds"])
+            for pos, kind in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+                runs_at[pos, kind].append(first_batch(pos, False, caches[pos, kind])["seconds"])
         for pos in positions:
             runs = runs_at[pos, "epoch"]
             row = {"position": pos, "from_counts_s": min(runs), "median_s": sorted(runs)[len(runs) // 2],
