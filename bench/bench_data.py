@@ -32,8 +32,11 @@ the new defaults together and all levers together (``--levers`` picks which):
 ``--resume-cost`` times something else: the time to the first batch of a train loader (1 worker,
 shuffle buffer 2000) resumed at raw position 0, 100k and 1M of its worker (``--resume-positions``),
 on ~1.5 KB JPEGs (one 10k-sample shard linked under many names, so a 1M-sample epoch costs 15 MB of
-disk), once replaying the shuffle from the shards' counts (dualenc's resume) and once by reading
-every consumed byte (how it resumed before; 1M is skipped for it unless ``--replay-reads-all``).
+disk), replaying the shuffle from the shards' counts (dualenc's resume) with three states of the
+shards' slot-index cache: as the interrupted run left it (the shards finished before the resume point
+indexed, the current one not), all shards indexed (a later epoch) and none (the shards read back are
+walked); and once by reading every consumed byte (how it resumed before counts; 1M is skipped for it
+unless ``--replay-reads-all``).
 
     python bench/bench_data.py --resume-cost       # writes bench/results/data_resume_cpu.json
 """
@@ -409,6 +412,7 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Time to the first batch after resuming at each of ``args.resume_positions`` (see the docstring)."""
     from dualenc.data.datamodule import WebDataModule
     from dualenc.data.stream import ORDER
+    from dualenc.data.tario import INDEX_ENV, iter_slots
     from dualenc.data_tools.writer import ShardWriter, encode_image
 
     per_shard, positions = 10_000, sorted(args.resume_positions)
@@ -433,15 +437,37 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
             json.dump({f"{i:05d}.tar": per_shard for i in range(n_shards)}, f)
         cfg, tokenize = data_config(64), tokenizer_fn(args.tokens)
 
-        def first_batch(pos: int, reads: bool) -> dict[str, Any]:
+        def loader_at(pos: int) -> Any:
             dm = WebDataModule(train=data_dir, batch_size=batch, num_workers=1, shuffle_buffer=buffer,
                                epoch_samples=n_shards * per_shard)
             dm.set_preprocessing(cfg, tokenize)
             loader = dm.train_dataloader()
-            loader.stream.replay_reads = reads
             if pos:
                 loader.load_state_dict({"ranks": [{"epoch": 0, "positions": {0: pos}, "batches": {0: 0}}],
                                         "num_workers": 1, "order": ORDER})
+            return loader
+
+        # Slot-index caches as the interrupted run leaves them: "epoch" (the default case): every shard
+        # the worker finished before the resume point, read whole, was indexed; the current one, read
+        # in part, was not. "warm": all shards indexed (a later epoch). "none": no cache (the walk).
+        parts, _ = loader_at(0).stream.plan(0, 0, 1, 0)
+        caches = {}
+        for pos in positions:
+            for kind, done in (("epoch", (pos + buffer) // per_shard), ("warm", len(parts))):
+                folder = os.path.join(tmp, "index", f"{kind}-{done}")
+                if not os.path.isdir(folder):
+                    os.makedirs(folder)
+                    os.environ[INDEX_ENV] = folder
+                    for part in parts[:done]:  # the worker's own whole walk, which writes the index
+                        for _ in iter_slots(part.url, lambda name: False, part.count, record=True):
+                            pass
+                caches[pos, kind] = folder
+            caches[pos, "none"] = "off"
+
+        def first_batch(pos: int, reads: bool, cache: str) -> dict[str, Any]:
+            os.environ[INDEX_ENV] = cache  # the loader's worker inherits it
+            loader = loader_at(pos)
+            loader.stream.replay_reads = reads
             t0 = time.perf_counter()
             it = iter(loader)
             out = next(it)
@@ -450,25 +476,42 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
             del it
             return {"seconds": seconds}
 
+        old_cache = os.environ.get(INDEX_ENV)
         rows = []
         load_before = os.getloadavg()
-        # Positions interleaved within each repeat, so shifting load on a shared machine hits them
-        # alike; the fastest of the repeats: other load only ever slows a run.
-        runs_at = {pos: [] for pos in positions}
-        for _ in range(args.repeats):
-            for pos in positions:
-                runs_at[pos].append(first_batch(pos, False)["seconds"])
+        # Positions and caches interleaved within each repeat, so shifting load on a shared machine
+        # hits them alike, in an order rotated from repeat to repeat (so none is always first), after
+        # one warm-up run; the fastest of the repeats: other load only ever slows a run.
+        kinds = ("epoch", "warm", "none")
+        jobs = [(pos, kind) for pos in positions for kind in (kinds if pos else kinds[:1])]
+        runs_at: dict[tuple[int, str], list[float]] = {job: [] for job in jobs}
+        loads = []
+        first_batch(positions[0], False, caches[positions[0], "epoch"])
+        for r in range(args.repeats):
+            loads.append(os.getloadavg()[0])
+            for pos, kind in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+                runs_at[pos, kind].append(first_batch(pos, False, caches[pos, kind])["seconds"])
         for pos in positions:
-            runs = runs_at[pos]
+            runs = runs_at[pos, "epoch"]
             row = {"position": pos, "from_counts_s": min(runs), "median_s": sorted(runs)[len(runs) // 2],
                    "all_runs_s": runs}
+            if pos:
+                for kind, name in (("warm", "all_indexed"), ("none", "no_index")):
+                    other = runs_at[pos, kind]
+                    row.update({f"{name}_s": min(other), f"{name}_median_s": sorted(other)[len(other) // 2]})
+                row["current_shard_slot"] = (pos + buffer) % per_shard  # walked when it has no index
             if pos <= 100_000 or args.replay_reads_all:
-                row["reading_replay_s"] = first_batch(pos, True)["seconds"]
+                row["reading_replay_s"] = first_batch(pos, True, "off")["seconds"]
             rows.append(row)
             print(row, flush=True)
+        if old_cache is None:
+            os.environ.pop(INDEX_ENV, None)
+        else:
+            os.environ[INDEX_ENV] = old_cache
     zero = rows[0]["from_counts_s"]
     return {"benchmark": "time to the first batch after a mid-epoch resume (1 loader worker)",
             "machine": machine(), "loadavg_before": load_before, "loadavg": os.getloadavg(),
+            "loadavg_1min_per_repeat": loads,
             "torch": torch.__version__,
             "setup": {"image": "40x30 JPEG q90", "mean_jpeg_kb": nbytes / per_shard / 1024, "source": source,
                       "per_shard": per_shard, "shards": n_shards, "shuffle_buffer": buffer, "batch_size": batch,
@@ -478,7 +521,14 @@ def resume_cost(args: argparse.Namespace) -> dict[str, Any]:
             / zero,
             "ratio_1m_to_0_median": (next((r["median_s"] for r in rows if r["position"] == 1_000_000), None) or 0)
             / rows[0]["median_s"],
-            "goal": "position 1,000,000 within 2x of position 0 (which includes one buffer fill)"}
+            "goal": "position 1,000,000 within 2x of position 0 (which includes one buffer fill)",
+            "columns": {"from_counts_s": "the slot indexes of the shards finished before the resume point are "
+                                         "cached (as the interrupted run wrote them), the current shard's is not",
+                        "all_indexed_s": "every shard indexed (a resume in a later epoch)",
+                        "no_index_s": "no index cache: the shards read back are walked (before the cache)",
+                        "reading_replay_s": "replay by reading every consumed byte (before counts)"},
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def machine() -> str:

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -47,8 +48,13 @@ def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def message(err: BaseException) -> str:
-    """The error's text; a KeyError's own quotes are dropped."""
+    """The error's text; a KeyError's own quotes are dropped, and so is the worker's traceback torch
+    puts into the text of an error it re-raises from a DataLoader worker."""
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        found = list(re.finditer(rf"^(?:[\w.]+\.)?{type(err).__name__}: ", text, re.MULTILINE))
+        if found:
+            text = text[found[-1].end():].strip()
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
     return text

@@ -23,6 +23,20 @@ TINY_BERT = dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_att
                  intermediate_size=64, max_position_embeddings=64)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tar_index_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Shard slot indexes (dualenc.data.tario) go to a folder of the session, never ~/.cache."""
+    from dualenc.data.tario import INDEX_ENV
+
+    old = os.environ.get(INDEX_ENV)
+    os.environ[INDEX_ENV] = str(tmp_path_factory.mktemp("tar-index"))
+    yield os.environ[INDEX_ENV]
+    if old is None:
+        os.environ.pop(INDEX_ENV, None)
+    else:
+        os.environ[INDEX_ENV] = old
+
+
 @pytest.fixture
 def single_thread():
     """Run a test with one intra-op thread: on a 2-core box shared with other work, OpenMP barriers

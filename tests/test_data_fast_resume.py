@@ -13,6 +13,7 @@ import torch
 
 import dualenc.data.stream as stream_mod
 from dualenc.data.datamodule import SourceSpec, WebDataModule
+from dualenc.data.tario import INDEX_ENV
 from real_shards import jpeg, write_tar
 
 DATA_CONFIG = {"input_size": (3, 8, 8), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
@@ -37,8 +38,13 @@ def _stream(train, buffer: int):
     return dm.train_dataloader().stream
 
 
-@pytest.mark.parametrize("mixed,buffer", [(True, 5), (False, 5), (False, 64), (False, 0)])
-def test_resume_from_counts_equals_the_uninterrupted_stream(tmp_path: Path, mixed: bool, buffer: int) -> None:
+@pytest.mark.parametrize("mixed,buffer,indexed", [(True, 5, True), (False, 5, True), (False, 64, True),
+                                                   (False, 0, True), (True, 5, False), (False, 64, False)])
+def test_resume_from_counts_equals_the_uninterrupted_stream(tmp_path: Path, monkeypatch, mixed: bool, buffer: int,
+                                                            indexed: bool) -> None:
+    # indexed: the shards' slot offsets are cached once read whole (read back by seeks), else walked.
+    if not indexed:
+        monkeypatch.setenv(INDEX_ENV, "off")
     # 18 + 9 slots (an empty shard among them) for 70 samples: several passes; buffer 64 only flushes.
     a = _source(tmp_path, "a", [7, 0, 11])
     train = [SourceSpec(a, 2.0), SourceSpec(_source(tmp_path, "b", [9]), 1.0)] if mixed else a

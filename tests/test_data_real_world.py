@@ -185,3 +185,51 @@ def test_resume_from_counts_equals_uninterrupted(tmp_path: Path, monkeypatch, wo
             if cut == len(ref) - 1:  # only what the buffer held and what is left is read
                 assert sum(read) < full_bytes / 2
         read.clear()
+
+
+# -- a data set whose every sample is skipped fails, it does not cycle forever -------------------------
+def _unusable(tmp_path: Path, image: bytes, caption_ext: str = "txt") -> str:
+    for s in range(2):
+        write_tar(tmp_path / f"{s:05d}.tar", [m for i in range(5) for m in
+                                              ((f"s{s}k{i}.jpg", image), (f"s{s}k{i}.{caption_ext}", b"cap"))])
+    (tmp_path / "sizes.json").write_text('{"00000.tar": 5, "00001.tar": 5}')
+    return str(tmp_path)
+
+
+class _Bounded:
+    """A decoder that fails the test instead of letting a stream cycle its shards forever."""
+
+    def __init__(self, decode) -> None:
+        self.decode, self.calls = decode, 0
+
+    def __call__(self, raw):
+        self.calls += 1
+        assert self.calls < 1000, "the stream cycles its shards forever"
+        return self.decode(raw)
+
+
+def test_all_corrupt_images_fail_after_one_pass(tmp_path: Path) -> None:
+    from dualenc.errors import UserError
+
+    loader = _dm(_unusable(tmp_path, b"not a jpeg"), batch_size=2, shuffle_buffer=4).train_dataloader()
+    loader.stream.state = stream_mod.StreamState(epoch=0)
+    loader.stream.decode = _Bounded(loader.stream.decode)
+    with pytest.raises(UserError) as err:  # used to spin forever, cycling the shards for a first batch
+        next(iter(loader.stream))
+    text = str(err.value)
+    assert f"{tmp_path / '00000.tar'}, {tmp_path / '00001.tar'}" in text and "{'corrupt_image': 10}" in text
+    assert "no usable sample in a whole pass over the 2 shard(s) of train source 0" in text
+    assert "dualenc-data filter" in text
+
+
+def test_all_samples_skipped_in_a_loader_worker_is_one_clear_error(tmp_path: Path) -> None:
+    from dualenc.errors import UserError, message
+
+    spec = _unusable(tmp_path, jpeg(1), caption_ext="caption")  # captions under another extension
+    loader = _dm(spec, batch_size=2, num_workers=1).train_dataloader()
+    loader.stream.decode = _Bounded(loader.stream.decode)
+    with pytest.raises(UserError) as err:
+        next(iter(loader))
+    text = message(err.value)  # what the CLI prints: without the worker's traceback
+    assert text.startswith("no usable sample in a whole pass") and "Traceback" not in text
+    assert "{'missing_caption': 10}" in text and "set --data.caption_key" in text

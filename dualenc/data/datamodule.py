@@ -81,7 +81,12 @@ class StreamLoader(DataLoader):
                              for w in resume.positions}
         else:
             self.stream.state = StreamState(epoch=epoch)
-            self.consumed, self._rng_to_restore = {}, None
+            self.consumed = {}
+            if resume is not None and resume.epoch < epoch and self._rng_to_restore is not None:
+                # A checkpoint of a finished epoch: the uninterrupted run went from it straight into this
+                # epoch's iterator, which draws the workers' base seed from torch's RNG: restore it first.
+                _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         self.consumed_epoch = epoch
         return super().__iter__()
 
@@ -260,8 +265,14 @@ class WebDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _epoch(self) -> int:
+        """The epoch a loader iterated now serves. Resuming from a checkpoint of a finished epoch, Lightning
+        creates the train iterator (and fetches its first batch) before it counts that epoch completed, so
+        ``current_epoch`` still names it then; the epochs it has processed already name the next."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
+        if trainer is None:
+            return 0
+        progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+        return max(int(trainer.current_epoch), int(getattr(progress, "processed", 0)))
 
     def _loader(self, sources: list, train: bool, samples: int | None, name: str) -> StreamLoader:
         rank, world = self._world()
@@ -292,7 +303,8 @@ class WebDataModule(L.LightningDataModule):
         stream = ShardStream(
             sources, decoder, decoder.wanted, decoder.skipped, transform,
             collate, self.batch_size, per_worker, rank, world,
-            shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed)
+            shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed,
+            index_shards=train, split=name)
         return StreamLoader(stream, num_workers, self._epoch)
 
     def preprocessing(self, train: bool) -> tuple[SampleDecoder, Callable]:
@@ -380,10 +392,13 @@ class WebDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the resume point is the train loader's state (Lightning's loader protocol)
+        # The resume point is the train loader's state (Lightning's loader protocol); it is kept here too
+        # because Lightning hands it to the loader only when it restarts mid-epoch, not from a checkpoint
+        # of a finished epoch, whose random state (dropout) a resumed run needs as well.
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = state or None  # checkpoints of older versions kept it here
+        self._resume = state.get("train_loader", state) or None  # checkpoints of older versions kept it at the top
 
 
 def _source(spec: str, weight: float = 1.0) -> Source:

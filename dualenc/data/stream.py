@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dualenc.data.tario import count_slots, iter_slots
+from dualenc.data.tario import count_slots, iter_slots, read_slots, slot_index
+from dualenc.errors import UserError
 
 Raw = dict[str, Any]
 Token = tuple  # (source, cycle, part, index); part -1 marks an empty shard
@@ -38,6 +39,22 @@ Token = tuple  # (source, cycle, part, index); part -1 marks an empty shard
 # mid-epoch (1: Python's random per shuffle step; 2: counter-based draws, replayed in numpy).
 ORDER = 2
 _SHUFFLE, _MIX = 1, 2  # tags of the counter-based draw streams
+# What to do about each reason a sample is skipped, for the error a pass with no usable sample raises.
+SKIP_FIXES = {
+    "corrupt_image": "corrupt_image: the images do not decode; rebuild the shards (`dualenc-data build`) or keep "
+                     "the decodable samples (`dualenc-data filter --shards DIR --out NEW`).",
+    "missing_image": "missing_image: no .jpg/.jpeg/.png/.webp member in the samples; check the member names.",
+    "missing_caption": "missing_caption: no caption member; set --data.caption_key to its extension (txt by "
+                       "default; json with --data.caption_field).",
+    "bad_json": "bad_json: the caption's JSON member does not parse; check --data.caption_key.",
+    "empty_caption": "empty_caption: the captions are empty; check --data.caption_key / --data.caption_field.",
+    "non_utf8_caption": "non_utf8_caption: the captions are not UTF-8 text.",
+    "too_many_pixels": "too_many_pixels: the images exceed --data.max_pixels (a decompression-bomb guard); "
+                       "raise it if they are genuine.",
+    "corrupt_tar": "corrupt_tar: the tar files are damaged; re-download or rebuild them.",
+    "missing_sample": "missing_sample: the shards hold fewer samples than sizes.json / *_stats.json say; "
+                      "delete the wrong counts (`dualenc-data stats --shards DIR --out OUT` writes a new sizes.json).",
+}
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -221,6 +238,14 @@ class _Ctx:
     parts: list[Part] = field(default_factory=list)
     part: tuple[int, int] = (0, -1)  # (cycle, part) being generated
     shuffle: _Shuffle | None = None
+    usable: int = 0  # samples that decoded (so a pass giving none is caught, not cycled forever)
+
+
+def _until(slots: Iterator[tuple[int, Raw]], last: int) -> Iterator[tuple[int, Raw]]:
+    for i, slot in slots:
+        yield i, slot
+        if i >= last:
+            return
 
 
 def _empty_slot(url: str) -> Raw:
@@ -244,12 +269,16 @@ class ShardStream(IterableDataset):
         shuffle_buffer: in-memory sample shuffle (0 disables; evaluation).
         resampled: draw shards with replacement (for huge datasets or many ranks) instead of splitting.
         seed: base seed for all shuffling and augmentation.
+        index_shards: cache each local shard's slot offsets after reading it whole (``tario.slot_index``),
+            so a resume seeks to the samples its shuffle buffer holds instead of walking headers.
+        split: the split's name in error messages.
     """
 
     def __init__(self, sources: list[Source], decode: Callable[[Raw], Raw | None], wanted: Callable[[str], bool],
                  skipped: Counter[str], transform: Callable, collate: Callable[[list[Raw]], dict[str, Any]],
                  batch_size: int, batches_per_worker: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 0, resampled: bool = False, seed: int = 0) -> None:
+                 shuffle_buffer: int = 0, resampled: bool = False, seed: int = 0, index_shards: bool = True,
+                 split: str = "train") -> None:
         super().__init__()
         self.sources = sources
         self.decode, self.wanted, self.skipped = decode, wanted, skipped
@@ -257,6 +286,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.index_shards, self.split = index_shards, split
         self.state = StreamState()  # set by the loader before workers start (epoch, resume point)
         self.replay_reads = False  # benchmarks only: replay by reading every byte, as before counts
         self._scanned: dict[str, int] = {}
@@ -327,11 +357,24 @@ class ShardStream(IterableDataset):
             here = {t[3] for t in ctx.needed if t[1:3] == (cycle, p)}
             last = max(here) if here else -1
             start, stride, phase = nxt, part.stride, part.phase
+            index = slot_index(part.url, part.count) if self.index_shards and (here or start > phase) else None
+            if index is not None:  # a resume into an indexed shard: seek to what it needs
+                for i, slot in read_slots(part.url, self.wanted, sorted(here), index):
+                    ctx.store[(source, cycle, p, i)] = slot
+                    ctx.needed.discard((source, cycle, p, i))
+                if not tail:
+                    continue
+                mine = lambda i, s=stride, f=phase: (i - f) % s == 0  # noqa: E731
+                for i, slot in iter_slots(part.url, self.wanted, part.count, mine, first=start, index=index):
+                    if (i - phase) % stride == 0:
+                        ctx.store[(source, cycle, p, i)] = slot
+                        yield (source, cycle, p, i)
+                continue
 
             def select(i: int, start=start, stride=stride, phase=phase, here=here) -> bool:
                 return i in here or (i >= start and (i - phase) % stride == 0)
 
-            for i, slot in iter_slots(part.url, self.wanted, part.count, select):
+            for i, slot in iter_slots(part.url, self.wanted, part.count, select, record=self.index_shards):
                 t = (source, cycle, p, i)
                 if i in here:
                     ctx.store[t] = slot
@@ -357,6 +400,7 @@ class ShardStream(IterableDataset):
         while True:  # cycle through this worker's shards until the epoch's batches are made
             parts, empty = self.plan(source, worker, workers, cycle, scan)
             got = int(bool(skip))  # a resumed pass had samples before the resume point
+            resumed, usable = bool(skip), ctx.usable
             tokens = self._tokens(source, cycle, parts, empty, ctx, skip)
             shuffle = _Shuffle(tokens, self.shuffle_buffer, *self._shuffle_key(source, worker, cycle), at=at)
             skip, at = 0, None
@@ -371,9 +415,21 @@ class ShardStream(IterableDataset):
                 if not scan:  # counts unknown and this worker's shards held nothing: share all shards
                     scan = True
                     continue
-                raise RuntimeError(f"worker {worker} of rank {self.rank} read no sample from the shards of "
-                                   f"source {source}; check that the shards are readable and non-empty")
+                raise UserError(f"worker {worker} of rank {self.rank} read no sample from the shards of "
+                                f"source {source}; check that the shards are readable and non-empty")
+            if ctx.usable == usable and not resumed:  # a whole pass, all skipped: cycling would never end
+                raise UserError(self._nothing_usable(source, worker, parts))
             cycle += 1
+
+    def _nothing_usable(self, source: int, worker: int, parts: list[Part]) -> str:
+        urls = sorted({p.url for p in parts})
+        shown = ", ".join(urls[:4]) + (f" and {len(urls) - 4} more" if len(urls) > 4 else "")
+        counts = dict(self.skipped.most_common())
+        fixes = [fix for reason, fix in SKIP_FIXES.items() if reason in counts]
+        return (f"no usable sample in a whole pass over the {len(urls)} shard(s) of {self.split} source {source} "
+                f"read by loader worker {worker} of rank {self.rank} ({shown}): every sample was skipped; skip "
+                f"counts of this worker so far: {counts or 'none'}. "
+                + (" ".join(fixes) if fixes else "Check the shards with `dualenc-data stats --shards DIR --out OUT`."))
 
     def _mix(self, worker: int) -> tuple[int, list[float]]:
         cum, total = [], 0.0
@@ -444,13 +500,16 @@ class ShardStream(IterableDataset):
             if t[2] >= 0 and (t[1], t[2]) != (cycle, current):
                 done.setdefault(t[2], set()).add(t[3])
         for p, idx in done.items():
-            last = max(idx)
-            for i, slot in iter_slots(ctx.parts[p].url, self.wanted, ctx.parts[p].count, idx.__contains__):
+            part, last = ctx.parts[p], max(idx)
+            index = slot_index(part.url, part.count) if self.index_shards else None
+            if index is not None:  # seek straight to the buffered samples
+                slots = read_slots(part.url, self.wanted, sorted(idx), index)
+            else:  # walk the shard's headers up to the last one the buffer holds
+                slots = _until(iter_slots(part.url, self.wanted, part.count, idx.__contains__), last)
+            for i, slot in slots:
                 if i in idx:
                     ctx.store[(source, cycle, p, i)] = slot
                     ctx.needed.discard((source, cycle, p, i))
-                if i >= last:
-                    break
         ctx.live = True
 
     def _resume(self, worker: int, workers: int, pos: int) -> tuple[list[_Ctx], Iterator[Token]] | None:
@@ -492,6 +551,7 @@ class ShardStream(IterableDataset):
                 c.live = self.replay_reads
             for _ in range(pos):
                 t = next(raw)
+                ctxs[t[0]].usable += 1  # not decoded: taken as usable (no pass before the resume fails)
                 ctxs[t[0]].store.pop(t, None)
             for i, c in enumerate(ctxs):
                 if not c.live:
@@ -507,6 +567,7 @@ class ShardStream(IterableDataset):
             sample = self.decode(slot)
             if sample is None:
                 continue
+            ctxs[t[0]].usable += 1
             with seeded(sample_seed(self.seed, epoch, self.rank, worker, pos)):
                 sample["image"] = self.transform(sample["image"])
             batch.append(sample)

@@ -12,21 +12,34 @@ img2dataset and webdataset write them). A slot is a dict ``{"__key__", "__url__"
 (a duplicate key, the part of a shard lost to truncation). With the shard's expected sample count
 known (``sizes.json``/``_stats.json``) a shard has exactly that many slots, so a resumed stream can
 replay the shuffle from counts alone.
+
+A tar has no index, so reaching a shard's last samples walks all its headers. The training stream
+therefore caches, for each local shard it has read whole without a single skip, where each slot
+begins (``slot_index``: 8 bytes a sample, in a cache folder, keyed by the shard's path, size and
+mtime); a resume then seeks straight to the samples its shuffle buffer holds (``read_slots``) and to
+where it goes on (``iter_slots(first=...)``). A shard without an index, or changed since (a
+warning), is walked as before: the index only ever saves time, the walk is always right.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import mmap
 import os
 import subprocess
 import tarfile
+import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Callable, Iterator
 
 import numpy as np
 
 from dualenc.data.sources import REMOTE_PREFIXES
+from dualenc.fileio import shared_file_mode
 
 Raw = dict
 BLOCK = 512
@@ -108,6 +121,7 @@ class Member:
     offset: int  # of its data
     size: int
     cut: bool = False  # its data runs past the end of the file
+    header: int = -1  # where its headers begin (a pax or long-name header before its own, if any)
 
 
 class TarWalker:
@@ -116,6 +130,7 @@ class TarWalker:
     def __init__(self, f: IO[bytes], seekable: bool, size: int | None = None) -> None:
         self.f, self.seekable, self.size = f, seekable, size
         self.pos = 0
+        self.end: int | None = None  # offset of the end-of-archive marker, once reached
 
     def _read(self, n: int) -> bytes:
         data = self.f.read(n)
@@ -146,21 +161,28 @@ class TarWalker:
         self._skip_to(self.pos + (-size) % BLOCK)
         return data
 
-    def members(self) -> Iterator[Member]:
-        """Regular-file members in order; raises CorruptTar on truncation or a missing end marker."""
-        nxt = 0
-        if self.seekable and self.size is not None:
-            for listed, nxt in indexed_members(self.f, self.size):
+    def members(self, start: int = 0, fast: bool = True) -> Iterator[Member]:
+        """Regular-file members in order from the header at ``start``; raises CorruptTar on truncation
+        or a missing end marker. ``fast``: a local shard's headers come from ``indexed_members``
+        (128 at a time: off for reading a single slot)."""
+        nxt = start
+        if fast and self.seekable and self.size is not None:
+            for listed, nxt, end in indexed_members(self.f, self.size, start=start):
                 yield from listed
-                if nxt is None:
+                if end:
+                    self.end = nxt
                     return
         name = size = None  # from a preceding pax / GNU long-name header
+        first = None  # where the current member's headers began
         while True:
             self._skip_to(nxt)
+            if first is None:
+                first = nxt
             buf = self._read(BLOCK)
             if len(buf) < BLOCK:
                 raise CorruptTar("archive ends without its end-of-archive marker")
             if buf.count(0) == BLOCK:
+                self.end = nxt
                 return  # end-of-archive marker
             h_name, h_size, h_type = parse_header(buf)
             data_at = self.pos
@@ -180,14 +202,16 @@ class TarWalker:
             name = size = None
             cut = self.size is not None and data_at + h_size > self.size
             if h_type in _FILE_TYPES:
-                yield Member(member_name, data_at, h_size, cut)
+                yield Member(member_name, data_at, h_size, cut, first)
+            first = None
             if cut:
                 raise CorruptTar("archive ends inside a member", in_member=True)
 
 
-def indexed_members(f: IO[bytes], size: int, chunk: int = 128) -> Iterator[tuple[list[Member], int | None]]:
-    """A local shard's regular-file members, ``chunk`` headers at a time, each with the offset of the
-    next header (None: the end-of-archive marker). Stops early where anything is unusual (pax or
+def indexed_members(f: IO[bytes], size: int, chunk: int = 128,
+                    start: int = 0) -> Iterator[tuple[list[Member], int, bool]]:
+    """A local shard's regular-file members from the header at ``start``, ``chunk`` headers at a time,
+    each chunk with the offset of the next header and whether that is the end-of-archive marker. Stops early where anything is unusual (pax or
     GNU long names, base-256 sizes, truncation, a bad checksum): ``TarWalker`` walks on carefully
     from the last offset.
 
@@ -200,7 +224,7 @@ def indexed_members(f: IO[bytes], size: int, chunk: int = 128) -> Iterator[tuple
         return
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = np.frombuffer(mm, np.uint8)
-        off = 0
+        off = start
         try:
             while True:
                 offsets: list[int] = []
@@ -232,14 +256,14 @@ def indexed_members(f: IO[bytes], size: int, chunk: int = 128) -> Iterator[tuple
                             prefix = h[345:500].split(b"\0", 1)[0]
                             if prefix:
                                 name = prefix + b"/" + name
-                        out.append(Member(name.decode("utf-8", "surrogateescape"), off + BLOCK, n))
+                        out.append(Member(name.decode("utf-8", "surrogateescape"), off + BLOCK, n, False, off))
                     off += BLOCK + n + (-n) % BLOCK
                 if offsets:
                     blocks = view[np.asarray(offsets)[:, None] + np.arange(BLOCK)]
                     got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
                     if not np.array_equal(got, np.asarray(sums)):
                         return
-                yield out, None if end else off
+                yield out, off, end
                 if end:
                     return
         finally:
@@ -259,13 +283,121 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
+# -- slot indexes: where each slot of a local shard begins, so a resume seeks instead of walking ----
+INDEX_ENV = "DUALENC_TAR_INDEX"
+_write_failed = False  # warn once per process when the cache folder is not writable
+
+
+def index_dir() -> Path | None:
+    """The folder of cached slot indexes: ``$DUALENC_TAR_INDEX`` (``off`` disables them), else
+    ``$XDG_CACHE_HOME/dualenc/tar-index`` (``~/.cache/...``). Never beside the shards: nothing the
+    user gave is modified."""
+    value = os.environ.get(INDEX_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualenc" / "tar-index"
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith(("pipe:", *REMOTE_PREFIXES)):
+        return None
+    path = os.path.abspath(os.path.expanduser(url))
+    return path if os.path.isfile(path) else None
+
+
+def _index_name(path: str, st: os.stat_result) -> tuple[str, str]:
+    """(file name, its shard's prefix): keyed by the shard's absolute path (not resolved: each name
+    is indexed by its own walk), its size and its mtime, so a shard changed since has no index."""
+    digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return f"{digest}-{st.st_size}-{st.st_mtime_ns}.npy", digest
+
+
+def slot_index(url: str, expected: int | None = None) -> np.ndarray | None:
+    """Where each slot of the local shard at ``url`` begins, and its end-of-archive marker (n + 1
+    offsets), from the cache: written by ``iter_slots(..., record=True)`` after a whole walk of the
+    shard in which every slot was a readable sample with nothing skipped. None without one; a shard
+    whose size or mtime changed since it was indexed gets a warning (and is walked)."""
+    folder, path = index_dir(), _local_path(url)
+    if folder is None or path is None:
+        return None
+    name, digest = _index_name(path, os.stat(path))
+    try:
+        index = np.load(folder / name, allow_pickle=False)
+    except FileNotFoundError:
+        stale = list(folder.glob(f"{digest}-*.npy")) if folder.is_dir() else []
+        if stale:
+            warnings.warn(f"{url} changed since its slot index was written (its size or mtime differ): "
+                          "reading its headers to find the samples to resume from", stacklevel=2)
+            for old in stale:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        return None
+    except (OSError, ValueError):
+        return None  # unreadable: the walk is always right
+    n = len(index) - 1
+    if (index.ndim != 1 or index.dtype.kind not in "iu" or n < 1 or (expected is not None and n != expected)
+            or (np.diff(index) <= 0).any() or index[0] < 0 or index[-1] + BLOCK > os.stat(path).st_size):
+        return None
+    return index.astype(np.int64)
+
+
+def _save_index(path: str, st: os.stat_result, offsets: list[int]) -> None:
+    global _write_failed
+    folder = index_dir()
+    if folder is None:
+        return
+    name, digest = _index_name(path, st)
+    if (folder / name).exists():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(f"{digest}-*.npy"):  # of an older version of the shard
+            with contextlib.suppress(OSError):
+                old.unlink()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+            os.chmod(tmp, shared_file_mode())
+            os.replace(tmp, folder / name)  # workers indexing the same shard: the last rename wins
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        if not _write_failed:
+            _write_failed = True
+            warnings.warn(f"cannot write shard slot indexes to {folder} ({e}): a resume will walk the headers "
+                          f"of the shards it reads back; set {INDEX_ENV} to a writable folder (or to off)",
+                          stacklevel=2)
+
+
+def read_slots(url: str, wanted: Callable[[str], bool], indices: list[int], index: np.ndarray,
+               opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[tuple[int, Raw]]:
+    """Slots ``indices`` (ascending) of a shard with a ``slot_index``: a seek to each, then its own
+    headers (and the next slot's first), never the headers before it."""
+    with opener(url) as f:
+        walker = TarWalker(f, seekable=True, size=os.fstat(f.fileno()).st_size)
+        for i in indices:
+            end, slot = int(index[i + 1]), {"__url__": url}
+            for m in walker.members(int(index[i]), fast=False):
+                if m.header >= end:
+                    break
+                key, ext = split_name(m.name)
+                slot.setdefault("__key__", key)
+                if wanted(m.name) and ext not in slot:
+                    slot[ext] = walker.read(m)
+            yield i, slot
+
+
 def _drop(key: str, url: str, **reasons: int) -> Raw:
     return {"__key__": key, "__url__": url, "__skipped__": dict(reasons), "__drop__": True}
 
 
 def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = None,
                select: Callable[[int], bool] | None = None,
-               opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[tuple[int, Raw]]:
+               opener: Callable[[str], IO[bytes]] = open_shard, first: int = 0,
+               index: np.ndarray | None = None, record: bool = False) -> Iterator[tuple[int, Raw]]:
     """``(index, slot)`` for each slot of the shard at ``url`` (see the module docstring).
 
     Only members ``wanted(name)`` accepts are read, only for slots ``select(index)`` accepts (all by
@@ -275,18 +407,28 @@ def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = N
     or without its end-of-archive marker, counts ``corrupt_tar`` once; a key seen twice is a dropped
     ``duplicate_key`` slot, a member seen twice in a sample counts ``duplicate_member`` (the first
     is kept).
+
+    ``first`` (with the shard's ``slot_index``) starts at that slot with a seek: the shard was
+    indexed clean, so no key before it can repeat. ``record``: after a whole walk of a local shard
+    in which nothing was skipped, cache its slot index (for resumes).
     """
     seen: set[str] = set()
-    n = 0  # slots yielded
+    n = first  # slots yielded
     cur: Raw | None = None  # the sample being collected (yielded once the next one starts)
     cur_keep = False
+    if first and index is None:
+        raise ValueError("iter_slots: first needs the shard's slot index")
+    start = int(index[first]) if first else 0
+    starts: list[int] = []  # where each slot begins, to record
+    clean, whole = True, False
 
     def close(sample: Raw, keep: bool) -> tuple[int, Raw]:
-        nonlocal n
+        nonlocal n, clean
         key = sample["__key__"]
         if key in seen:
             sample = _drop(key, url, duplicate_key=1)
         seen.add(key)
+        clean = clean and "__skipped__" not in sample
         n += 1
         if not keep and not sample.get("__drop__"):
             sample = {"__key__": key, "__url__": url, **({"__skipped__": sample["__skipped__"]}
@@ -298,11 +440,13 @@ def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = N
         sample["__skipped__"][reason] = sample["__skipped__"].get(reason, 0) + 1
 
     bad, in_member = False, True
+    st: os.stat_result | None = None
     try:
         with opener(url) as f:
             local = not url.startswith(REMOTE_PREFIXES) and os.path.isfile(os.path.expanduser(url))
-            walker = TarWalker(f, seekable=local, size=os.fstat(f.fileno()).st_size if local else None)
-            for m in walker.members():
+            st = os.fstat(f.fileno()) if local else None
+            walker = TarWalker(f, seekable=local, size=st.st_size if st else None)
+            for m in walker.members(start):
                 key, ext = split_name(m.name)
                 if cur is None or key != cur["__key__"]:
                     if cur is not None:
@@ -317,6 +461,7 @@ def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = N
                         break
                     cur = {"__key__": key, "__url__": url}
                     cur_keep = select is None or select(n)
+                    starts.append(m.header)
                 if m.cut:
                     raise CorruptTar("archive ends inside a member", in_member=True)
                 if not cur_keep or not wanted(m.name):
@@ -325,11 +470,16 @@ def iter_slots(url: str, wanted: Callable[[str], bool], expected: int | None = N
                     note(cur, "duplicate_member")
                     continue
                 cur[ext] = walker.read(m)
+            else:
+                whole = True
             if cur is not None:
                 yield close(cur, cur_keep)
                 cur = None
     except (CorruptTar, OSError, EOFError) as e:
         bad, in_member = True, getattr(e, "in_member", True)
+    if (record and whole and clean and st is not None and not first and starts
+            and (expected is None or n == expected)):
+        _save_index(os.path.abspath(os.path.expanduser(url)), st, starts + [walker.end])
     if bad:
         if cur is not None and not in_member:
             note(cur, "corrupt_tar")  # cut at a header boundary: the last sample's members are whole
