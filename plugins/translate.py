@@ -203,7 +203,9 @@ class Vec2VecMap(EmbeddingMap):
 
     @classmethod
     def fit_embeddings(cls, source: Any, target: Any, modality: str = "image", **kwargs: Any) -> "Vec2VecMap":
-        """CLI entry; ``seeds: [0, 1, 2]`` in the arguments trains each and keeps the best (``train_vec2vec_best``)."""
+        """CLI entry (``train_vec2vec``'s defaults: a robust MNN-Procrustes start, not a random one; ``init: null``
+        in the arguments for the plain method); ``seeds: [0, 1, 2]`` trains each and keeps the best
+        (``train_vec2vec_best``)."""
         fit = train_vec2vec_best if "seeds" in kwargs else train_vec2vec
         return fit(source.get(modality), target.get(modality), source=source.model, target=target.model,
                    **kwargs)[0]
