@@ -74,3 +74,63 @@ def test_build_from_urls_with_real_img2dataset(server: str, tmp_path: Path) -> N
         got = seen[f"a plain {name} square"] * 255
         assert max(abs(g - c) for g, c in zip(got.tolist(), rgb)) < 6, (name, got)
     assert not (out / ".download").exists()  # img2dataset's staging is cleaned up
+
+
+def test_real_img2dataset_empty_shard_feeds_every_worker_and_rank(server: str, tmp_path: Path, monkeypatch) -> None:
+    """img2dataset's own webdataset output with a shard whose URLs all fail (``successes: 0``): the
+    training loader reads it with real workers (it used to die: "worker 1 of rank 0 read no sample"),
+    and 8 workers x 2 ranks take equal steps (the in-process simulation of test_data_real_world)."""
+    import json
+    from types import SimpleNamespace
+
+    import img2dataset
+    import torch
+
+    import dualenc.data.stream as stream_mod
+    from dualenc.data.datamodule import WebDataModule
+
+    table = tmp_path / "urls.csv"
+    rows = [f"{server}/gone{i}.jpg,a broken link {i}" for i in range(3)]  # shard 0: every URL fails
+    good = [f"a plain {name} square, take {i}" for i in range(4) for name in COLOURS]  # 20 samples
+    rows += [f"{server}/{c.split()[2]}.jpg,{c}" for c in good]
+    table.write_text("url,caption\n" + "\n".join(f'{r.split(",", 1)[0]},"{r.split(",", 1)[1]}"' for r in rows) + "\n")
+    out = tmp_path / "i2d"
+    img2dataset.download(url_list=str(table), input_format="csv", url_col="url", caption_col="caption",
+                         output_format="webdataset", output_folder=str(out), number_sample_per_shard=3,
+                         processes_count=1, thread_count=2, image_size=32, resize_mode="no",
+                         enable_wandb=False, retries=0, timeout=5)
+    stats = {p.name: json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))}
+    assert stats["00000_stats.json"]["successes"] == 0  # the real tool wrote an empty shard
+    assert sum(s["successes"] for s in stats.values()) == len(good)
+    assert (out / "00000.tar").is_file()
+
+    def ids(texts):
+        t = torch.ones(len(texts), 2, dtype=torch.long)
+        return {"input_ids": t, "attention_mask": t}
+
+    def module(rank: int, world: int, workers: int) -> WebDataModule:
+        dm = WebDataModule(train=str(out), batch_size=1, num_workers=workers, shuffle_buffer=0, caption_key="txt",
+                           uint8_images=True)
+        dm.set_preprocessing(DATA_CONFIG, ids)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0)
+        return dm
+
+    loader = module(0, 1, 4).train_dataloader()
+    batches = list(loader)  # real loader processes, one of them given the empty shard
+    texts = [t for b in batches for t in b["text"]]
+    assert len(batches) == len(loader) == 20  # 5 batches a worker, the empty shard's worker included
+    # Whole shards of 3 go to the least-loaded worker (6/5/3/3 samples): the short ones cycle theirs.
+    assert set(texts) <= set(good) and len(set(texts)) >= 16
+
+    steps = []
+    for rank in range(2):
+        loader = module(rank, 2, 8).train_dataloader()
+        per_rank = 0
+        for w in range(8):
+            monkeypatch.setattr(stream_mod, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=8))
+            loader.stream.state = stream_mod.StreamState(epoch=0)
+            got = list(iter(loader.stream))
+            assert len(got) == loader.stream.batches_per_worker  # no worker runs dry
+            per_rank += len(got)
+        steps.append(per_rank)
+    assert steps[0] == steps[1]  # equal steps on both ranks: no DDP hang
