@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     v2v = {"steps": a.steps, "batch_size": a.batch_size, "hidden_dim": a.hidden}
     fitters = unpaired_fitters(v2v, Path(a.map_dir) if a.map_dir else cache / "maps")
     res: dict[str, Any] = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
-    res = res if "splits" in res else {}  # an old-format file is replaced, not merged
+    if res and "splits" not in res:  # the previous session's partial rows (old splits): kept apart, not merged
+        res = {"previous_session_partial": res}
     res.update({"what": __doc__.split("\n")[0], "splits": S["info"], "paper": PAPER})
     parts = a.parts.split(",")
     run_log = {"argv": sys.argv[1:] if argv is None else argv, "parts": parts, "torch_threads": a.threads,
@@ -472,11 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         table_row = res.get("unpaired", {}).get("vec2vec")
         if table_row and "top1" in table_row and str(table_row.get("steps")) not in curve["vec2vec"]:
             curve["vec2vec"][str(table_row["steps"])] = table_row  # same split and settings: reuse, not retrain
-        res.setdefault("steps", {}).update(curve)
+        for k, v in curve.items():  # merged by step count: a later run can add counts
+            res.setdefault("steps", {}).setdefault(k, {}).update(v)
         save()
     if "diagnose" in parts:
         log("diagnose: unpaired MNN refinement started from a paired map")
-        res["diagnose"] = diagnose_part(S, ints(a.diagnose_anchors), ints(a.diagnose_robust_anchors))
+        res.setdefault("diagnose", {}).update(diagnose_part(S, ints(a.diagnose_anchors),
+                                                            ints(a.diagnose_robust_anchors)))
         save()
     if "planted" in parts:
         log(f"planted control: MiniLM -> its own random rotation, {a.per_side} disjoint vectors a side")
