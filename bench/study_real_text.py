@@ -126,7 +126,7 @@ def paired_part(S: dict[str, Any], sizes: list[int], draws: int, mlp_steps: int)
         "procrustes+whitening": lambda x, y: wh.wrap(orth_fn(quiet(fit_procrustes, wh.a(x), wh.b(y),
                                                                    on_few_anchors="warn"))),
         "least_squares": lambda x, y: orth_fn(quiet(fit_linear, x, y)),
-        "ridge": lambda x, y: orth_fn(quiet(fit_linear, x, y, ridge=1e-2)),
+        "ridge": lambda x, y: orth_fn(quiet(fit_linear, x, y, ridge=1e-2)),  # fixed before the run, not tuned
         "mlp": lambda x, y: orth_fn(fit_mlp(x, y, steps=mlp_steps, hidden=512)),
     }
     out: dict[str, Any] = {}
@@ -309,13 +309,18 @@ def plot(res: dict[str, Any], path: str | Path) -> Path | None:
         ns = sorted(by_n, key=int)
         ax.errorbar([int(n) for n in ns], [by_n[n]["top1"] for n in ns], [by_n[n]["top1_std"] for n in ns],
                     marker="o", ms=4, capsize=2, label=name)
+    semi = sorted((int(k.split("_")[1]), v) for k, v in res.get("diagnose", {}).items()
+                  if k.endswith("_then_mnn") and int(k.split("_")[1]) <= 3000)
+    if semi:
+        ax.plot([n for n, _ in semi], [v["top1"] for _, v in semi], "k*", ms=10, ls="none",
+                label="Q on n anchors + unpaired MNN")
     ub = res["paired"]["upper_bound"]["procrustes_all_pairs"]
-    ax.axhline(ub["top1"], color="k", ls=":", lw=1, label=f"Procrustes, all {ub['anchors']:,} pairs")
+    ax.axhline(ub["top1"], color="k", ls=":", lw=1, label=f"Q, all {ub['anchors']:,} pairs")
     ax.set_xscale("log")
     ax.set_xlabel("paired anchors")
     ax.set_ylabel("top-1 among 8,192 held-out")
     ax.set_title("paired: MiniLM -> MPNet")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(0.0, 0.62))
     ax = axes[1]
     for name, by_n in res.get("curve", {}).items():
         ns = sorted((n for n in by_n if "top1" in by_n[n]), key=int)
@@ -325,7 +330,7 @@ def plot(res: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("unpaired training vectors a side (disjoint items, 0 pairs)")
     ax.set_title("unpaired: vectors a side")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     ax = axes[2]
     for name, by_n in res.get("steps", {}).items():
         ns = sorted((n for n in by_n if "top1" in by_n[n]), key=int)
@@ -335,7 +340,7 @@ def plot(res: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel(f"vec2vec training steps ({res.get('unpaired_config', {}).get('vectors_a_side', UNPAIRED):,} vectors a side)")
     ax.set_title("unpaired: vec2vec steps")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -427,9 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-dir", help="where robust MNN maps are kept for vec2vec_init (default CACHE/maps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tables", action="store_true", help="print --out's results as markdown tables and exit")
+    p.add_argument("--replot", action="store_true", help="redraw --plot from --out and exit")
     a = p.parse_args(argv)
     if a.tables:
         print(tables(json.loads(Path(a.out).read_text())))
+        return 0
+    if a.replot:
+        print(plot(json.loads(Path(a.out).read_text()), a.plot))
         return 0
     torch.set_num_threads(a.threads)
     t_start, load0 = time.time(), os.getloadavg()
