@@ -2,7 +2,7 @@ from common import *
 import sys
 n, eps = int(sys.argv[1]), float(sys.argv[2])
 xa, xb, ae, be = data(n, eps)
-q, ma, mb = torch.load(f"/tmp/mnn_{n}_{eps}.pt")
+q, ma, mb = torch.load(f"/tmp/mnn_{n}_{eps}.pt", weights_only=True)
 q, ma, mb, xa, xb, ae, be = (t.double() for t in (q, ma, mb, xa, xb, ae, be))
 xc, yc = xa - ma, xb - mb
 ex, vx = torch.linalg.eigh(xc.T @ xc / n); ey, vy = torch.linalg.eigh(yc.T @ yc / n)

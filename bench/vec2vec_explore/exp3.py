@@ -17,7 +17,7 @@ xa, xb, ae, be = data(a.n, a.eps, a.neval)
 t0 = time.time()
 cache = f"/tmp/mnn_{a.n}_{a.eps}.pt"
 if os.path.exists(cache):
-    q, ma, mb = torch.load(cache)
+    q, ma, mb = torch.load(cache, weights_only=True)
 else:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

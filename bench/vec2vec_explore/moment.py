@@ -4,7 +4,7 @@ from dualenc.plugins.unpaired import csls_pairs
 from dualenc.plugins.procrustes import procrustes_q
 n, eps = int(sys.argv[1]), float(sys.argv[2])
 xa, xb, ae, be = data(n, eps)
-q, ma, mb = torch.load(f"/tmp/mnn_{n}_{eps}.pt")
+q, ma, mb = torch.load(f"/tmp/mnn_{n}_{eps}.pt", weights_only=True)
 q, ma, mb, xa, xb, ae, be = (t.double() for t in (q, ma, mb, xa, xb, ae, be))
 def sqrtm(c, p, shrink=1e-6):
     e, v = torch.linalg.eigh(c); e = e.clamp_min(shrink * e.max()); return (v * e.pow(p)) @ v.T
