@@ -11,8 +11,9 @@ real embeddings of each space; no pairs are used).
 
 From the paper's random start, these losses do not recover even a planted rotation of real MiniLM
 embeddings on CPU budgets (measured: docs/alignment.md). ``train_vec2vec``'s default therefore starts
-from an unpaired matching (robust MNN-Procrustes, refined by ``soft_procrustes``) and keeps the training
-step with the best unsupervised score; ``init=None`` is the plain method.
+from an unpaired matching (robust MNN-Procrustes from VecMap's similarity-profile start, refined by
+``soft_procrustes``) and keeps the training step with the best unsupervised score; ``init=None`` is the
+plain method.
 """
 
 from __future__ import annotations
@@ -292,8 +293,8 @@ def train_vec2vec(
     """Train on unpaired sets ``a`` (N, dim_a) and ``b`` (M, dim_b); returns the a->b map and a loss log.
 
     The default is **vec2vec started from an unpaired matching, not the paper's random start**:
-    ``init="robust_mnn"`` fits MNN-Procrustes with CSLS and stochastic dictionary induction (no pairs;
-    seeded by ``seed``), ``refine`` rounds of ``soft_procrustes`` improve it, the translator starts as
+    ``init="robust_mnn"`` fits MNN-Procrustes from similarity profiles, with CSLS and stochastic
+    dictionary induction (``fit_mnn_procrustes(robust=True)``; no pairs; seeded by ``seed``), ``refine`` rounds of ``soft_procrustes`` improve it, the translator starts as
     exactly that map (zero-initialised bodies), and the adversarial/cycle/VSP losses then train the
     nonlinear adapters. ``init=None`` is the paper's plain random start; on CPU budgets it stays at
     chance even on a planted rotation of real MiniLM embeddings (docs/alignment.md), because only the
