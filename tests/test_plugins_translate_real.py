@@ -43,33 +43,58 @@ def planted(x: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:
     return F.normalize(F.normalize(y, dim=-1) @ r.T, dim=-1)
 
 
-def test_vec2vec_default_recovers_a_planted_rotation_of_real_minilm(minilm):
+@pytest.fixture(scope="module")
+def starts(minilm):
+    """eps -> robust MNN-Procrustes (the default start of vec2vec), fitted once per planted case."""
+    cache: dict[float, object] = {}
+
+    def get(eps: float):
+        if eps not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FewAnchorsWarning)
+                cache[eps] = fit_mnn_procrustes(minilm[:4096].double(), planted(minilm[4096:], eps).double(), robust=True)
+        return cache[eps]
+    return get
+
+
+def test_robust_mnn_procrustes_recovers_a_planted_rotation_of_real_minilm(minilm, starts):
+    """The start alone: similarity profiles, then CSLS self-learning with stochastic induction."""
+    a = minilm[:4096]
+    m = starts(0.0)
+    r = translation_metrics(m.apply(a.double()).float(), planted(a, 0.0))
+    assert r["candidates"] == 4096
+    assert r["top1"] >= 0.99, r  # measured 1.000 (identity: 0.000)
+    assert r["mean_cosine"] >= 0.88, r  # measured 0.919: a rotation fitted to near-miss pairs of disjoint sets
+    assert m.meta.extra["start"] == "similarity" and m.meta.extra["final_keep"] == 1.0
+
+
+def test_vec2vec_default_recovers_a_planted_rotation_of_real_minilm(minilm, starts):
     a, b = minilm[:4096], planted(minilm[4096:], 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewAnchorsWarning)
-        m, _ = train_vec2vec(a, b, **FAST)
+        m, _ = train_vec2vec(a, b, init=starts(0.0), **FAST)  # the default init ("robust_mnn"), fitted once above
+    lin = translation_metrics(starts(0.0).apply(a.double()).float(), planted(a, 0.0))
     r = translation_metrics(m.apply(a), planted(a, 0.0))
     assert r["candidates"] == 4096
-    assert r["top1"] >= 0.99, r  # measured 1.000 (identity: 0.000)
-    assert r["mean_cosine"] >= 0.93, r  # measured 0.96; robust MNN-Procrustes alone ~0.91
-    assert m.meta.extra["init"] == "robust_mnn" and m.meta.extra["refine"] == 3
+    assert r["top1"] >= 0.99, r  # measured 1.000
+    assert r["mean_cosine"] >= lin["mean_cosine"] + 0.03, (r, lin)  # measured 0.919 -> 0.966 (soft_procrustes)
+    assert m.meta.extra["refine"] == 3
     assert len(m.meta.extra["checks"]) == 11 and m.meta.extra["checks"][0]["step"] == 0
 
 
-def test_vec2vec_default_beats_its_linear_start_on_rotation_plus_nonlinearity(minilm):
-    """eps 0.03: at 4,096 a side the robust start (robust MNN-Procrustes) solves eps 0.03 on this fixture
-    (top-1 1.000) but not 0.05 (0.06-0.10 over seeds 0-2) nor 0.1; eps 0.1 and 0.2 need ~6,000-8,192 a side
-    (bench/planted_real_text.py). The default's mean cosine beats the robust start's (soft_procrustes)."""
-    eps = 0.03
+def test_vec2vec_default_recovers_rotation_plus_nonlinearity(minilm, starts):
+    """The issue's bar (top-1 >= 0.9 with a small nonlinearity, eps 0.1) at 4,096 a side. The old PCA-axis
+    start failed here (top-1 0.003; it needed 6,144 a side); eps 0.2 also passes (bench/planted_real_text.py)."""
+    eps = 0.1
     a, b = minilm[:4096], planted(minilm[4096:], eps)
     truth = planted(a, eps)
     rot_only = translation_metrics(planted(a, 0.0), truth)["mean_cosine"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewAnchorsWarning)
-        start = fit_mnn_procrustes(a.double(), b.double(), robust=True)
-        m, _ = train_vec2vec(a, b, init=start, **FAST)  # the default init, fitted once here to compare
-    lin = translation_metrics(start.apply(a.double()).float(), truth)
+        m, _ = train_vec2vec(a, b, init=starts(eps), **FAST)
+    lin = translation_metrics(starts(eps).apply(a.double()).float(), truth)
     r = translation_metrics(m.apply(a), truth)
+    assert r["candidates"] == 4096
     assert r["top1"] >= 0.95, r  # measured 1.000
-    assert r["mean_cosine"] >= lin["mean_cosine"] + 0.02, (r, lin, rot_only)  # measured 0.918 -> 0.96
-    assert rot_only < 0.999  # the planted nonlinearity is real, if small
+    assert r["mean_cosine"] >= lin["mean_cosine"] + 0.03, (r, lin, rot_only)  # measured 0.909 -> 0.954
+    assert rot_only < 0.97  # the planted nonlinearity is real: 0.960 cos between rotation alone and the target
