@@ -322,9 +322,11 @@ def plot(res: dict[str, Any], path: str | Path) -> Path | None:
     ax.set_title("paired: MiniLM -> MPNet")
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(0.0, 0.62))
     ax = axes[1]
-    for name, by_n in res.get("curve", {}).items():
+    previous = res.get("pca_start_previous", {}).get("curve", {})
+    for (name, by_n), old in [(kv, False) for kv in res.get("curve", {}).items()] + [(kv, True) for kv in previous.items()]:
         ns = sorted((n for n in by_n if "top1" in by_n[n]), key=int)
-        ax.plot([int(n) for n in ns], [by_n[n]["top1"] for n in ns], marker="s", label=f"unpaired {name}")
+        ax.plot([int(n) for n in ns], [by_n[n]["top1"] for n in ns], marker="s", ls="--" if old else "-",
+                label=f"unpaired {name}" + (", PCA start (previous)" if old else ""))
     ax.axhline(0.5, color="g", ls="--", lw=1, label="issue goal (0.5)")
     ax.axhline(chance, color="r", ls=":", lw=1, label="chance (1/8,192)")
     ax.set_xscale("log", base=2)
@@ -384,6 +386,12 @@ def tables(res: dict[str, Any]) -> str:
                 by_n.items(), key=lambda t: int(t[0]))))
     for part in ("diagnose", "planted"):
         out += [f"* {part} {k}: {cell(v)}" for k, v in res.get(part, {}).items()]
+    prev = res.get("pca_start_previous", {})
+    for part in ("unpaired", "planted"):
+        out += [f"* previous (PCA start) {part} {k}: {cell(v)}" for k, v in prev.get(part, {}).items()]
+    for k, by_n in prev.get("curve", {}).items():
+        out.append(f"* previous (PCA start) curve {k}: " + "; ".join(f"{int(n):,}: {cell(r)}" for n, r in sorted(
+            by_n.items(), key=lambda t: int(t[0]))))
     return "\n".join(out)
 
 

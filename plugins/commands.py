@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="fit a map from embedding files")
     s.add_argument("--method", required=True,
-                   help="procrustes, whitening, mnn_procrustes, vec2vec (started from robust MNN-Procrustes; "
-                        "--args '{\"init\": null}' for the paper's random start), ...")
+                   help="procrustes, whitening, mnn_procrustes (0 pairs; --args '{\"robust\": true}' between two "
+                        "different models: similarity-profile start + CSLS self-learning), vec2vec (started from "
+                        "robust MNN-Procrustes; --args '{\"init\": null}' for the paper's random start), ...")
     s.add_argument("--source", required=True, help="source embeddings (paired rows with --target for procrustes)")
     s.add_argument("--target", help="target embeddings (none for whitening)")
     s.add_argument("--source-model", help="source model name when the file does not record it")
