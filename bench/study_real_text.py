@@ -180,8 +180,8 @@ def unpaired_fitters(v2v: dict[str, Any], map_dir: Path | None = None) -> dict[s
 
     def mnn(robust: bool):
         def fit(a, b, key):
-            if robust:
-                m, sec = robust_map(a, b, key, from_disk=False)
+            if robust:  # a map fitted by an earlier run is reused (its fit time is in that run's log)
+                m, sec = robust_map(a, b, key, from_disk=True)
                 info = {"fit_seconds": sec}
             else:
                 m, info = quiet(fit_mnn_procrustes, a.double(), b.double()), {}

@@ -15,9 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualenc.plugins.crossmodel import translation_metrics
 from dualenc.plugins.synthetic import random_orthogonal
-from dualenc.plugins.unpaired import fit_mnn_procrustes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_wordnet_8192.npy"
