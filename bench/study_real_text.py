@@ -326,13 +326,13 @@ def plot(res: dict[str, Any], path: str | Path) -> Path | None:
     for (name, by_n), old in [(kv, False) for kv in res.get("curve", {}).items()] + [(kv, True) for kv in previous.items()]:
         ns = sorted((n for n in by_n if "top1" in by_n[n]), key=int)
         ax.plot([int(n) for n in ns], [by_n[n]["top1"] for n in ns], marker="s", ls="--" if old else "-",
-                label=f"unpaired {name}" + (", PCA start (previous)" if old else ""))
+                label=f"unpaired {name}" + (", PCA start (previous)" if old else ", similarity start"))
     ax.axhline(0.5, color="g", ls="--", lw=1, label="issue goal (0.5)")
     ax.axhline(chance, color="r", ls=":", lw=1, label="chance (1/8,192)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("unpaired training vectors a side (disjoint items, 0 pairs)")
     ax.set_title("unpaired: vectors a side")
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.3))
     ax = axes[2]
     for name, by_n in res.get("steps", {}).items():
         ns = sorted((n for n in by_n if "top1" in by_n[n]), key=int)
