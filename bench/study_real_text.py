@@ -168,7 +168,9 @@ def unpaired_fitters(v2v: dict[str, Any], map_dir: Path | None = None) -> dict[s
     def robust_map(a, b, key, from_disk: bool):
         f = map_dir / f"mnn_robust_{key}.map" if map_dir else None
         if key not in robust_maps and from_disk and f is not None and f.is_file():
-            robust_maps[key] = (load_map(f), None)
+            cached = load_map(f)
+            if cached.meta.extra.get("start") == "similarity":  # maps from the old PCA start are stale: refit
+                robust_maps[key] = (cached, None)
         if key not in robust_maps:
             t0 = time.time()
             m = quiet(fit_mnn_procrustes, a.double(), b.double(), robust=True)
