@@ -75,7 +75,11 @@ class DualEncoder(nn.Module):
             load_pretrained(self, init_from, tuple(init_parts))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.image_proj(self.image_tower(images))
+        return self.project_image(self.image_tower(images), normalize)
+
+    def project_image(self, tower_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The image tower's pooled features -> the shared space (e.g. features a cache kept)."""
+        x = self.image_proj(tower_features)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:

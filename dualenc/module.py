@@ -80,6 +80,10 @@ class DualEncoderModule(L.LightningModule):
         fused_loss: compute the contrastive loss in one pass (one logits matrix for both directions on
             a single process, log-sum-exp instead of ``cross_entropy``; ``siglip``: softplus without
             the label matrix). Same value and gradients as the default path.
+        image_feature_cache: a folder for a fully locked image tower's features (``lock_image: 0``):
+            each distinct input image goes through the tower once, later epochs and runs reuse it
+            (``dualenc.featcache``; keyed by the pixels and the tower's weights, so never stale).
+            Hits need the same pixels every epoch: ``data.augment: false``.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class DualEncoderModule(L.LightningModule):
         compile_step: bool = False,
         compile_mode: str | None = None,
         fused_loss: bool = False,
+        image_feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         # Modules are not hyperparameters: they must not be pickled into checkpoints.
@@ -151,6 +156,13 @@ class DualEncoderModule(L.LightningModule):
             model.image_tower.compile(mode=compile_mode)
             model.text_tower.compile(mode=compile_mode)
         self._skipped: dict[str, dict[int, dict[str, int]]] = {"train": {}, "val": {}, "test": {}}
+        if image_feature_cache is not None and lock_image != 0:
+            raise ValueError(f"image_feature_cache needs a fully locked image tower (lock_image: 0), got lock_image: "
+                             f"{lock_image}; a trained tower's features change every step")
+        if image_feature_cache is not None and (compile_step or grad_cache_chunks is not None):
+            raise ValueError("image_feature_cache cannot be combined with compile_step or grad_cache_chunks")
+        self.image_feature_cache = image_feature_cache
+        self._feature_cache: Any = None  # built at fit start, from the weights the tower then holds
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -170,9 +182,26 @@ class DualEncoderModule(L.LightningModule):
         out = self.model(image, input_ids, attention_mask)
         return self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias), out
 
+    def _cached_forward_loss(self, image: torch.Tensor, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, DualEncoderOutput]:
+        m = self.model
+        feats = self._feature_cache.features(m.image_tower, image)
+        feats = feats.to(next(m.image_proj.parameters(), feats).dtype)  # bf16-true weights take bf16 inputs
+        out = DualEncoderOutput(m.project_image(feats), m.encode_text(input_ids, attention_mask), m.scale(),
+                                m.logit_bias)
+        return self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias), out
+
+    def on_fit_start(self) -> None:
+        if self.image_feature_cache is not None and self._feature_cache is None:
+            from dualenc.featcache import FeatureCache, tower_fingerprint
+
+            self._feature_cache = FeatureCache(self.image_feature_cache, tower_fingerprint(self.model.image_tower))
+
     def _step_forward(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, DualEncoderOutput]:
         """Model + loss; under ``compile_step`` one compiled graph (training only: eval stays eager)."""
         args = (batch["image"], batch["input_ids"], batch["attention_mask"])
+        if train and self._feature_cache is not None:
+            return self._cached_forward_loss(*args)
         if not (self.compile_step and train):
             return self._forward_loss(*args)
         if self._compiled_step is None:
@@ -305,6 +334,10 @@ class DualEncoderModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_skips("train", "data/skipped_")
+        if self._feature_cache is not None:
+            self.log("train/feature_cache_hit_rate", self._feature_cache.hit_rate())
+            self._feature_cache.hits = self._feature_cache.misses = 0  # a rate per epoch
+            self._feature_cache.save(self.global_rank)
 
     def on_validation_epoch_end(self) -> None:
         self._log_skips("val", "data/val_skipped_")

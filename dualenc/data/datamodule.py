@@ -165,6 +165,9 @@ class WebDataModule(L.LightningDataModule):
         caption_key: extension of the caption member (``txt``), or ``json`` with ``caption_field``.
         caption_field: field of the JSON member holding the caption.
         crop_scale / hflip / color_jitter: training augmentation (timm's random resized crop).
+        augment: ``false`` gives training images the evaluation transform (resize + center crop): the
+            same pixels every epoch, which a locked tower's feature cache needs to hit
+            (``model.image_feature_cache``).
         uint8_images: workers send uint8 images; they become float and are normalized with the
             tower's mean/std on the device, in ``on_after_batch_transfer`` (a quarter of the bytes
             between processes and to the GPU, and no float work in the workers). Off: float
@@ -205,6 +208,7 @@ class WebDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         color_jitter: float | None = None,
+        augment: bool = True,
         max_pixels: int = 89_478_485,
         seed: int = 0,
         uint8_images: bool = True,
@@ -224,6 +228,9 @@ class WebDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.decoder_args = dict(caption_key=caption_key, caption_field=caption_field, max_pixels=max_pixels)
         self.aug = dict(scale=tuple(crop_scale), hflip=hflip, color_jitter=color_jitter)
+        self.augment = augment
+        if gpu_decode and not augment:
+            raise ValueError("augment: false is not supported with gpu_decode yet; decode on the CPU workers")
         self.seed = seed
         self.uint8_images, self.jpeg_draft, self.interpolation = uint8_images, jpeg_draft, interpolation
         if draft_crop_scale is not None and not 0 < draft_crop_scale <= 1:
@@ -312,6 +319,7 @@ class WebDataModule(L.LightningDataModule):
         if self.data_config is None:
             raise RuntimeError("call set_preprocessing(...) or run under a Trainer first")
         min_side = None
+        train = train and self.augment
         if self.jpeg_draft:
             crop = self.draft_crop_scale if self.draft_crop_scale is not None else self.aug["scale"][0]
             min_side = draft_min_side(self.data_config, train, (crop, 1.0))
