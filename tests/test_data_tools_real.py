@@ -173,6 +173,17 @@ def test_eval_sets_load_with_zeroshot_reader(built, fixture_arrays, name: str) -
         assert [names[i] for i in labels.tolist()] == [FASHION_CLASSES[src_labels[int(k[1:])]] for k in keys]
 
 
+def test_clip_benchmark_reads_the_eval_roots_as_we_do(built) -> None:
+    builder = pytest.importorskip("clip_benchmark.datasets.builder")
+    out, m = built
+    root = out / "eval" / "unseen"
+    for split in ("test", "train"):  # train/: what its linear probe fits on
+        ds = builder.build_dataset("wds/fm_unseen", root=str(root), split=split, task="zeroshot_classification")
+        assert ds.classes == m["unseen"] and ds.templates == m["templates"]
+        ours = torch.cat([b["label"] for b in eval_batches(str(root), DATA_CONFIG, num_workers=0, split=split)])
+        assert [int(c) for _, c in ds] == ours.tolist()
+
+
 def test_zeroshot_command_runs_on_an_eval_root(built, tmp_path: Path) -> None:
     from test_eval_support import tiny_export
 
