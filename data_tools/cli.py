@@ -66,6 +66,8 @@ def _add_real(p: argparse.ArgumentParser) -> None:
                    "(default: pullover,sandal,bag for Fashion-MNIST, three,six,nine for digits)")
     p.add_argument("--half", type=int, choices=(1, 2), help="only this half of each seen class's train images "
                    "(a fixed split, independent of --seed): two builds with --half 1 / 2 are disjoint")
+    p.add_argument("--train-per-class", type=int, help="at most this many training images per seen class (a "
+                   "fixed subset: smaller caps are subsets of larger ones; default: all)")
     p.add_argument("--phrasing-set", default="a", choices=("a", "b"), help="which of two disjoint caption "
                    "phrasing sets to draw from")
     p.add_argument("--seed", type=int, default=0, help="seeds caption kinds, phrasings, noise and shard order")
@@ -83,6 +85,7 @@ def _run_real(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     m = build_real(args.out, source=args.source, idx_dir=args.idx_dir, unseen=args.unseen, half=args.half,
+                   train_per_class=args.train_per_class,
                    phrasing_set=args.phrasing_set, seed=args.seed, wrong_rate=args.wrong_rate,
                    filename_rate=args.filename_rate, boilerplate_rate=args.boilerplate_rate,
                    probe_train_per_class=args.probe_train_per_class, shard_size=args.shard_size,
@@ -91,7 +94,7 @@ def _run_real(args: argparse.Namespace) -> int:
     kinds = ", ".join(f"{k} {v}" for k, v in t["caption_kinds"].items())
     print(f"train   {t['samples']:6d} samples  {len(m['seen'])} seen classes  {len(t['shards'])} shard(s); "
           f"captions: {kinds}")
-    print(f"unseen classes (no training text): {', '.join(m['unseen'])}")
+    print(f"unseen classes (no training text): {', '.join(m['unseen']) or 'none'}")
     for name, e in m["eval"].items():
         print(f"eval/{name:6s} test {e['test']['samples']:6d}  train {e['train']['samples']:6d}  "
               f"{len(e['classnames'])} classes")

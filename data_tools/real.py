@@ -88,15 +88,18 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def train_indices(labels: np.ndarray, seen: list[int], half: int | None) -> np.ndarray:
-    """Indices of the train split that go into training shards: seen classes, one half per class if asked."""
+def train_indices(labels: np.ndarray, seen: list[int], half: int | None, per_class: int | None = None
+                  ) -> np.ndarray:
+    """Indices of the train split that go into training shards: seen classes, one half per class if asked,
+    at most ``per_class`` of each (a prefix of a fixed order: a smaller cap is a subset of a larger one)."""
     keep = []
     rng = np.random.default_rng(_SPLIT_SEED)
     for c in range(int(labels.max()) + 1):
         idx = rng.permutation(np.flatnonzero(labels == c))  # drawn for every class: halves stay fixed
         if c in seen:
             mid = len(idx) // 2
-            keep.append(idx if half is None else idx[:mid] if half == 1 else idx[mid:])
+            idx = idx if half is None else idx[:mid] if half == 1 else idx[mid:]
+            keep.append(idx[:per_class])
     return np.sort(np.concatenate(keep))
 
 
@@ -143,6 +146,8 @@ def _write_eval_sets(out: Path, data: LabelledImages, seen: list[int], unseen: l
                      shard_size: int) -> dict[str, Any]:
     sets: dict[str, Any] = {}
     for name, classes in (("all", list(range(len(data.classnames)))), ("seen", seen), ("unseen", unseen)):
+        if not classes:  # --unseen "" : no unseen set to write
+            continue
         root = out / name
         sets[name] = {
             "classnames": [data.classnames[c] for c in classes],
@@ -163,6 +168,7 @@ def build_real(
     idx_dir: str | os.PathLike | None = None,
     unseen: str | list[str] | None = None,
     half: int | None = None,
+    train_per_class: int | None = None,
     phrasing_set: str = "a",
     seed: int = 0,
     wrong_rate: float = 0.1,
@@ -185,8 +191,8 @@ def build_real(
                         "keep the sum below 1 so some captions are clean")
     if half not in (None, 1, 2):
         raise UserError(f"--half must be 1 or 2 (or left out for the whole train split), got {half}")
-    if probe_train_per_class < 1 or shard_size < 1:
-        raise UserError("--probe-train-per-class and --shard-size must be >= 1")
+    if probe_train_per_class < 1 or shard_size < 1 or (train_per_class is not None and train_per_class < 1):
+        raise UserError("--train-per-class, --probe-train-per-class and --shard-size must be >= 1")
     out = Path(out_dir)
     _check_target(out, overwrite)
     data = load_source(source, idx_dir)
@@ -203,11 +209,12 @@ def build_real(
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        idx = train_indices(data.train_labels, seen_idx, half)
+        idx = train_indices(data.train_labels, seen_idx, half, train_per_class)
         train = _write_train(tmp / "train", data, idx, seen_idx, phrases, probs, seed, shard_size)
         evals = _write_eval_sets(tmp / "eval", data, seen_idx, unseen_idx, probe_train_per_class, shard_size)
         manifest = {
             "source": source, "origin": data.origin, "seed": seed, "half": half, "split_seed": _SPLIT_SEED,
+            "train_per_class": train_per_class,
             "phrasing_set": phrasing_set, "classnames": data.classnames,
             "seen": [data.classnames[c] for c in seen_idx], "unseen": [data.classnames[c] for c in unseen_idx],
             "rates": dict(zip(KINDS, probs)), "phrases": {data.classnames[c]: phrases[data.classnames[c]]

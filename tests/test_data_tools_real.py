@@ -153,6 +153,16 @@ def test_halves_are_disjoint_with_their_own_phrasings(tmp_path: Path) -> None:
             assert [p.read_bytes() for p in sorted(a.glob("*.tar"))] == [p.read_bytes() for p in sorted(b.glob("*.tar"))]
 
 
+def test_train_per_class_is_a_fixed_subset_and_no_unseen_is_allowed(built, tmp_path: Path) -> None:
+    out, _ = built
+    m = build_real(tmp_path / "cap", train_per_class=30, unseen="", probe_train_per_class=PROBE)
+    assert m["unseen"] == [] and m["train"]["per_class"] == {c: 30 for c in FASHION_CLASSES}
+    assert sorted(p.name for p in (tmp_path / "cap/eval").iterdir()) == ["all", "seen"]
+    small = set(_samples(tmp_path / "cap/train"))
+    m2 = build_real(tmp_path / "cap2", train_per_class=60, unseen="", probe_train_per_class=PROBE)
+    assert small < set(_samples(tmp_path / "cap2/train")) and m2["train"]["samples"] == 600
+
+
 @pytest.mark.parametrize("name", ["all", "seen", "unseen"])
 def test_eval_sets_load_with_zeroshot_reader(built, fixture_arrays, name: str) -> None:
     out, m = built
