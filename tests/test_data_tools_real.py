@@ -257,6 +257,9 @@ def test_mnist_source(tmp_path: Path) -> None:
 
 
 def test_cli_real_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dualenc.data_tools.cli import REAL_SOURCES
+
+    assert REAL_SOURCES == real_sources.SOURCES
     out = tmp_path / "o"
     assert main(["real", "--out", str(out), "--unseen", "shirt,8", "--probe-train-per-class", "3"]) == 0
     printed = capsys.readouterr().out
