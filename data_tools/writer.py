@@ -61,7 +61,7 @@ def _encode_extra(key: str, ext: str, value: ExtraValue) -> bytes:
 
 
 class ShardWriter:
-    """Write samples into ``{prefix}-{index:05d}.tar`` shards, atomically, one shard at a time.
+    """Write samples into ``{prefix}-{index:05d}.tar`` (or ``name_format``) shards, atomically, one shard at a time.
 
     Use as a context manager. On a clean exit ``sizes.json`` ({shard name: sample count}) is
     written, merged with any existing one. If the block raises, the shard in progress is
@@ -75,6 +75,7 @@ class ShardWriter:
         max_count: int = 1000,
         max_bytes: int = 1 << 30,
         start_index: int = 0,
+        name_format: str | None = None,
     ) -> None:
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
@@ -82,6 +83,11 @@ class ShardWriter:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if not prefix or "/" in prefix:
             raise ValueError(f"prefix {prefix!r} must be a non-empty file name without '/'")
+        # e.g. "{index:05d}.tar" (img2dataset) or "{index}.tar" (CLIP_benchmark); overrides prefix.
+        if name_format is not None and ("{index" not in name_format or "/" in name_format
+                                        or not name_format.endswith(".tar")):
+            raise ValueError(f"name_format {name_format!r} must hold '{{index}}', end in .tar and have no '/'")
+        self.name_format = name_format
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -220,7 +226,8 @@ class ShardWriter:
         return info
 
     def _open_shard(self) -> None:
-        name = f"{self.prefix}-{self._index:05d}.tar"
+        name = (self.name_format.format(index=self._index) if self.name_format
+                else f"{self.prefix}-{self._index:05d}.tar")
         self._final_path = self.out_dir / name
         self._tmp_path = self.out_dir / f".{name}.tmp"
         self._file = open(self._tmp_path, "wb")

@@ -60,6 +60,19 @@ def test_writer_rollover_sizes_and_members(tmp_path: Path) -> None:
     assert s["txt"] == b"caption 4" and json.loads(s["json"]) == {"i": 4} and s["cls"] == b"4" and s["id"] == b"x"
 
 
+def test_writer_name_format(tmp_path: Path) -> None:
+    # img2dataset's 00000.tar and CLIP_benchmark's 0.tar; sizes.json keys follow the names.
+    for fmt, first in (("{index:05d}.tar", "00000.tar"), ("{index}.tar", "0.tar")):
+        with ShardWriter(tmp_path / first, max_count=2, name_format=fmt) as w:
+            for i in range(3):
+                w.write(f"s{i}", b"\xff\xd8fakejpeg", "c")
+        assert [Path(p).name for p in w.shards][0] == first
+        assert sum(json.loads((tmp_path / first / "sizes.json").read_text()).values()) == 3
+    for bad in ("shard.tar", "{index}.zip", "a/{index}.tar"):
+        with pytest.raises(ValueError, match="name_format"):
+            ShardWriter(tmp_path / "bad", name_format=bad)
+
+
 def test_writer_max_bytes_and_pil_image(tmp_path: Path) -> None:
     img = Image.new("RGB", (8, 8), (200, 10, 10))
     with ShardWriter(tmp_path, prefix="p", max_bytes=7000) as w:
