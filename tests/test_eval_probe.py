@@ -55,6 +55,9 @@ def test_train_linear_equals_clip_benchmark_train(clip_benchmark_on_cpu) -> None
     ref = lp.train(loader, 12, 6, 1e-3, 0.1, 3, False, "cpu", 7).module
     ours = train_linear(x, y, 6, 1e-3, lr=0.1, epochs=3, batch_size=16, seed=7)
     assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)
+    with torch.inference_mode():  # as in Lightning's test loop: fitting still works, to the same weights
+        inf = train_linear(x.clone(), y.clone(), 6, 1e-3, lr=0.1, epochs=3, batch_size=16, seed=7)
+    assert torch.equal(inf.weight, ref.weight)
     state = torch.get_rng_state()
     train_linear(x, y, 6, 0.0, epochs=1, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG is left alone

@@ -64,7 +64,10 @@ def train_linear(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, lr
                  batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Linear:
     """A logistic-regression layer fitted by AdamW on (x, y) (CLIP_benchmark's ``train``; see module doc)."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
+    # Evaluation runs under no_grad, and Lightning's test/validate loops under inference mode: fitting needs
+    # autograd, which cannot save inference tensors, so those are cloned into normal ones.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        x, y = (t.clone() if t.is_inference() else t for t in (x, y))
         torch.manual_seed(seed)
         model = torch.nn.Linear(x.shape[1], num_classes).to(device)
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
