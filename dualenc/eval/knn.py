@@ -29,7 +29,7 @@ def nearest_train(test_x: Tensor, train_x: Tensor, k: int, test_chunk: int = 102
     """(similarities, train indices) of each test row's ``k`` most similar train rows, best first.
 
     Inner products of the rows as given (normalise first for cosine); memory is
-    ``test_chunk x (k + train_chunk)`` similarities at a time."""
+    ``test_chunk x train_chunk`` similarities at a time."""
     k = min(k, train_x.shape[0])
     sims, idx = [], []
     for i in range(0, test_x.shape[0], test_chunk):
@@ -38,8 +38,8 @@ def nearest_train(test_x: Tensor, train_x: Tensor, k: int, test_chunk: int = 102
         best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
         for j in range(0, train_x.shape[0], train_chunk):
             s = q @ train_x[j : j + train_chunk].to(device).float().T
-            cand_s = torch.cat([best_s, s], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(j, j + s.shape[1], device=q.device).expand(q.shape[0], -1)], 1)
+            top_s, top_pos = s.topk(min(k, s.shape[1]), dim=1)  # the chunk's best, then merged with the running best
+            cand_s, cand_i = torch.cat([best_s, top_s], dim=1), torch.cat([best_i, top_pos + j], dim=1)
             best_s, pos = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
             best_i = cand_i.gather(1, pos)
         sims.append(best_s.cpu())

@@ -156,9 +156,10 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     if (val_x is None) != (val_y is None):
         raise ValueError("give val_x and val_y together")
     n_cls = num_classes or int(train_y.max()) + 1
-    if int(test_y.max()) >= n_cls:
-        raise ValueError(f"test label {int(test_y.max())} never occurs in the train split ({n_cls} classes); a "
-                         "linear probe cannot learn a class it never sees")
+    for what, y in (("test", test_y), ("validation", val_y)):
+        if y is not None and int(y.max()) >= n_cls:
+            raise ValueError(f"{what} label {int(y.max())} never occurs in the train split ({n_cls} classes); a "
+                             "linear probe cannot learn a class it never sees")
     train_x, train_y, test_x = train_x.float(), train_y.long(), test_x.float()
     if val_x is None and val_proportion > 0:
         if not 0 < val_proportion < 1:
