@@ -11,7 +11,7 @@ from test_eval_support import one_thread  # noqa: F401 - autouse fixture
 
 from dualenc.cli import main
 from dualenc.data.evalsets import as_eval_sets
-from dualenc.errors import ConfigError
+from dualenc.errors import ConfigError, UserError
 from dualenc.eval.imagesets import embed_splits
 from dualenc.eval.knn import knn_classify
 from dualenc.eval.probe import linear_probe
@@ -59,6 +59,10 @@ def test_commands_equal_the_functions_on_the_same_embeddings(setup, tmp_path: Pa
     ref = knn_classify(train.embeddings, train.labels, test.embeddings, test.labels, ks=(1, 3))
     assert nn["task"] == "knn_classification" and nn["metrics"]["knn_top1@3"] == ref["knn_top1@3"]
     assert nn["metrics"]["samples"] == 12 and nn["metrics"]["train_samples"] == 16
+    capsys.readouterr()
+    assert main(["knn", "--model", str(export), "--data", str(root / "test"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "not a CLIP_benchmark root" in err and "Traceback" not in err
 
 
 def test_eval_sets_config_runs_in_the_suite(setup) -> None:
@@ -79,5 +83,11 @@ def test_eval_sets_config_runs_in_the_suite(setup) -> None:
     with pytest.raises(ConfigError, match=r"data.eval_sets.knn\[0\] \('nn'\): data"):
         as_eval_sets({"knn": [{"name": "nn", "data": str(root / "missing")}]}).check_paths()
     bad = EvalSuite(knn=[{"name": "nn", "data": str(root), "split": "val"}])
-    with pytest.raises(Exception, match="evaluation set 'nn'.*no split 'val'"):
+    with pytest.raises(UserError, match="evaluation set 'nn'.*no split 'val'.*--split / split"):
         bad.check()
+    # A flat shard folder has no train/test: it would score the probe on the images it was fitted on.
+    flat = EvalSuite(linear_probe=[{"name": "lp", "data": str(root / "test")}])
+    with pytest.raises(UserError, match="not a CLIP_benchmark root.*ROOT/train/\\*.tar"):
+        flat.check()
+    with pytest.raises(UserError, match="both 'test'"):
+        EvalSuite(knn=[{"name": "nn", "data": str(root), "train_split": "test"}]).check()

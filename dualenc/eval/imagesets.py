@@ -13,11 +13,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dualenc.errors import UserError
 from dualenc.eval.encode import EncodedImages, encode_images, eval_batches, shard_urls
+from dualenc.eval.layout import benchmark_split, is_benchmark_root
 from dualenc.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, WEIGHTINGS, knn_classify
 from dualenc.eval.probe import linear_probe
 from dualenc.model import DualEncoder
 from dualenc.progress import sample_total
+
+
+def check_splits(data: str, train_split: str = "train", split: str = "test") -> None:
+    """Fail unless ``data`` is a CLIP_benchmark root holding both splits, and they differ (a flat shard
+    folder would give the same images as train and test: a probe scored on what it was fitted on)."""
+    if not is_benchmark_root(data):
+        raise UserError(f"{data} is not a CLIP_benchmark root; a linear probe or kNN needs ROOT/{train_split}/*.tar "
+                        f"and ROOT/{split}/*.tar (with .cls labels): give the folder that holds both splits")
+    if train_split == split:
+        raise UserError(f"the train and scored splits are both {split!r}; give different splits "
+                        "(--train-split / --split, or train_split / split)")
+    for part, flag in ((train_split, "--train-split"), (split, "--split")):
+        try:
+            benchmark_split(data, part)
+        except UserError as e:
+            raise UserError(f"{e} (here: {flag} / {flag[2:].replace('-', '_')})") from None
 
 
 @dataclass
@@ -36,8 +54,7 @@ class LinearProbeSet:
     task = "linear_probe"
 
     def check(self) -> None:
-        shard_urls(self.data, self.train_split)
-        shard_urls(self.data, self.split)
+        check_splits(self.data, self.train_split, self.split)
 
     def keys(self) -> list[str]:
         return [f"{self.name}/{k}" for k in ("top1", "top5", "mean_per_class_recall", "weight_decay")]
@@ -64,8 +81,7 @@ class KnnSet:
     def check(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        shard_urls(self.data, self.train_split)
-        shard_urls(self.data, self.split)
+        check_splits(self.data, self.train_split, self.split)
 
     def keys(self) -> list[str]:
         return [f"{self.name}/knn_{m}@{k}" for k in self.ks for m in ("top1", "mean_per_class_recall")]
@@ -88,6 +104,7 @@ def embed_splits(model: DualEncoder, data: str, train_split: str = "train", spli
                  show_progress: bool = False) -> tuple[EncodedImages, EncodedImages]:
     """L2-normalised image embeddings and labels of ``data``'s train and test splits (one process), each
     with its rows in sample-key order (:func:`by_key`), as ``EvalSuite`` scores them."""
+    check_splits(data, train_split, split)
     out = []
     for part in (train_split, split):
         batches = eval_batches(data, model.image_tower.data_config, batch_size, num_workers, labels=True, split=part)
