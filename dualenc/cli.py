@@ -229,11 +229,12 @@ def extra_commands() -> dict[str, Callable[[list[str]], int]]:
     """Subcommands beside LightningCLI's: name -> ``main(argv) -> exit code``."""
     from dualenc.data_tools.cli import main as data_main
     from dualenc.eval.commands import COMMANDS as EVAL_COMMANDS
+    from dualenc.eval.image_commands import COMMANDS as IMAGE_COMMANDS
     from dualenc.index.commands import COMMANDS as INDEX_COMMANDS
     from dualenc.plugins.commands import COMMANDS as PLUGIN_COMMANDS
 
     return {"export": cmd_export, "data": functools.partial(data_main, prog="dualenc data"),
-            **EVAL_COMMANDS, **PLUGIN_COMMANDS, **INDEX_COMMANDS}
+            **EVAL_COMMANDS, **IMAGE_COMMANDS, **PLUGIN_COMMANDS, **INDEX_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

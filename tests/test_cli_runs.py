@@ -225,3 +225,21 @@ def test_test_with_nothing_to_test_says_what_to_set(tmp_path: Path, demo_data: P
     assert main(["test", "--config", str(cfg), "--data.eval_sets=null"]) == 2
     err = capsys.readouterr().err
     assert "nothing to test: set --data.eval_sets" in err and "--data.test" in err and "Traceback" not in err
+
+
+def test_test_runs_linear_probe_and_knn_sets(tmp_path: Path, demo_data: Path) -> None:
+    """data.eval_sets.linear_probe / knn from the command line, fitted inside Lightning's inference-mode test loop."""
+    from test_eval_image_sets import image_root
+
+    root = image_root(tmp_path / "colors")
+    cfg = eval_config(tmp_path, demo_data)
+    cli = make_cli(["test", "--config", str(cfg), f"--data.eval_sets.linear_probe=[{{name: lp, data: {root}, "
+                    "epochs: 2}]", f"--data.eval_sets.knn=[{{name: nn, data: {root}, ks: [1, 3]}}]"])
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    cli.model.model.eval()
+    expected = EvalSuite(linear_probe=[{"name": "lp", "data": str(root), "epochs": 2}],
+                         knn=[{"name": "nn", "data": str(root), "ks": (1, 3)}], batch_size=64,
+                         num_workers=0).run(cli.model.model)
+    assert {"lp/top1", "lp/weight_decay", "nn/knn_top1@3"} <= set(expected)
+    for key, value in expected.items():
+        assert logged[f"test/{key}"] == pytest.approx(value, abs=1e-6), key

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_eval_support import tiny_model, write_caption_shards, write_labelled_shards
+from test_eval_image_sets import image_root, image_sets
 from test_eval_support import one_thread  # noqa: F401 - autouse fixture
 
 from dualenc.errors import UserError
@@ -37,6 +38,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_labelled_shards(root / "cls", per_class=3, shard_size=4)
     write_labelled_shards(root / "one", per_class=1, shard_size=10)
     write_caption_shards(root / "cap", n=9, shard_size=3)
+    image_root(root / "colors")  # train/ and test/: linear probe and kNN
     from dualenc.data_tools.writer import ShardWriter
 
     with ShardWriter(root / "bad", max_count=1) as w:  # only unreadable images, over 2 shards
@@ -54,6 +56,9 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
         zs, rt = _sets(Path(root))
         suite = EvalSuite(zs, rt, batch_size=3, num_workers=0)
         result = {"metrics": suite.run(tiny_model()), "records": suite.records}
+        # Linear probe and kNN: embedded on both ranks, gathered, scored on rank 0 in sample-key order.
+        image = EvalSuite(batch_size=3, num_workers=0, **image_sets(Path(root) / "colors"))
+        result["image"] = {"metrics": image.run(tiny_model()), "records": image.records}
         try:  # an empty set must fail on every rank, with its name, instead of hanging
             bad = {"name": "bad", "data": str(Path(root) / "bad"), "templates": "imagenet"}
             EvalSuite([bad], num_workers=0).run(tiny_model())
@@ -84,6 +89,11 @@ def test_two_ranks_gather_and_agree_with_one_process(data: Path, rank_results: l
     assert records["cls"]["metrics"]["samples"] == 12 and records["one"]["metrics"]["samples"] == 4
     assert records["cap"]["metrics"]["images"] == 9 and records["cap"]["metrics"]["texts"] == 18
     assert rank_results[1]["records"] == []  # only rank 0 scores
+    image = EvalSuite(batch_size=5, num_workers=0, **image_sets(data / "colors")).run(tiny_model())
+    for res in rank_results:  # the probe's seeded split sees the rows in the same (key) order as one process
+        assert res["image"]["metrics"] == pytest.approx(image, abs=1e-6)
+    assert rank_results[1]["image"]["records"] == []
+    assert rank_results[0]["image"]["records"][1]["metrics"]["train_samples"] == 16
     assert rank_results[0]["error"].startswith("ValueError: evaluation set 'bad'")
     assert "empty" in rank_results[0]["error"]
     assert rank_results[1]["error"] == "RuntimeError: evaluation set 'bad' failed on rank 0; see its error"

@@ -188,7 +188,8 @@ class WebDataModule(L.LightningDataModule):
         test / test_samples: shards (and their sample count) whose contrastive loss ``dualenc test``
             reports as ``test/loss``, beside the eval sets.
         predict: shards ``dualenc predict`` embeds (images, and captions when present), in order.
-        eval_sets: zero-shot and retrieval sets (``{zeroshot: [{name, data, ...}], retrieval: [...]}``):
+        eval_sets: zero-shot, retrieval, linear-probe and kNN sets (``{zeroshot: [{name, data, ...}],
+            retrieval: [...], linear_probe: [...], knn: [...]}``):
             run by ``EvalCallback`` during fit and reported by ``dualenc validate`` and ``dualenc test``.
             Their paths are checked when the config is loaded.
     """
@@ -386,8 +387,8 @@ class WebDataModule(L.LightningDataModule):
             return None
         from dualenc.eval.suite import EvalSuite  # lazy: dualenc.eval imports this module
 
-        zeroshot, retrieval = self.eval_sets.set_kwargs()
-        return EvalSuite(zeroshot, retrieval, self.eval_sets.batch_size, self.eval_sets.num_workers)
+        return EvalSuite(batch_size=self.eval_sets.batch_size, num_workers=self.eval_sets.num_workers,
+                         **self.eval_sets.set_kwargs())
 
     # -- exact resume and skip counts --------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -1,4 +1,4 @@
-"""Lightning callback: zero-shot and retrieval evaluation during training, DDP-aware."""
+"""Lightning callback: zero-shot, retrieval, linear-probe and kNN evaluation during training, DDP-aware."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class EvalCallback(L.Callback):
     Args:
         zeroshot: dicts ``{name, data, classnames?, templates?, format?, split?}`` (see ``ZeroShotSet``).
         retrieval: dicts ``{name, data, caption_key?, ks?, ties?, split?}`` (see ``RetrievalSet``).
+        linear_probe / knn: dicts ``{name, data, ...}`` of CLIP_benchmark roots with train and test splits
+            (see ``dualenc.eval.imagesets``).
         every_n_epochs: evaluate at the end of every N-th training epoch (None: never).
         every_n_steps: evaluate after every N-th optimizer step (None: never).
         batch_size / num_workers: per rank, for the evaluation data.
@@ -40,14 +42,16 @@ class EvalCallback(L.Callback):
                  every_n_epochs: int | None = 1, every_n_steps: int | None = None, batch_size: int = 256,
                  num_workers: int = 2, prefix: str = "eval", results_dir: str | None = None,
                  image_chunk: int = DEFAULT_IMAGE_CHUNK, text_chunk: int = DEFAULT_TEXT_CHUNK,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, linear_probe: list[dict[str, Any]] | None = None,
+                 knn: list[dict[str, Any]] | None = None) -> None:
         for what, n in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if n is not None and n < 1:
                 raise ValueError(f"{what} must be >= 1 or None, got {n}")
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("set every_n_epochs and/or every_n_steps, or the callback never runs")
-        self.suite: EvalSuite | None = (EvalSuite(zeroshot, retrieval, batch_size, num_workers, image_chunk, text_chunk)
-                                        if zeroshot or retrieval else None)
+        self.suite: EvalSuite | None = (EvalSuite(zeroshot, retrieval, batch_size, num_workers, image_chunk, text_chunk,
+                                                  linear_probe, knn)
+                                        if zeroshot or retrieval or linear_probe or knn else None)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.prefix = prefix
         self.results_dir = results_dir
@@ -98,7 +102,8 @@ class EvalCallback(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
             if self.verbose:
                 headline = [f"{k.removeprefix(self.prefix + '/')} {v:.3f}" for k, v in metrics.items()
-                            if k.endswith(("/top1", "/image_retrieval_recall@1", "/text_retrieval_recall@1"))]
+                            if k.endswith(("/top1", "/image_retrieval_recall@1", "/text_retrieval_recall@1",
+                                           "/knn_top1@1"))]
                 print(f"{self.prefix} at step {trainer.global_step}: {', '.join(headline)}", flush=True)
         self.last_metrics = metrics
         if self.results_dir and trainer.is_global_zero:

@@ -45,6 +45,21 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.cat([p[: int(n)] for p, n in zip(parts, counts)]).to(x.device)
 
 
+def gather_strings(items: list[str]) -> list[str]:
+    """Every rank's strings (e.g. sample keys), rank order, as :func:`gather_rows` orders rows.
+
+    Strings travel as zero-padded UTF-8 byte rows, padded to the longest on any rank."""
+    _, world = world_info()
+    if world == 1:
+        return list(items)
+    raw = [s.encode("utf-8") for s in items]
+    width = int(gather_rows(torch.tensor([max(map(len, raw), default=0)], dtype=torch.long)).max())
+    rows = torch.zeros(len(raw), max(width, 1), dtype=torch.uint8)
+    for i, b in enumerate(raw):
+        rows[i, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else rows[i, :0]
+    return [bytes(r).rstrip(b"\0").decode("utf-8") for r in gather_rows(rows).tolist()]
+
+
 def row_offset(n_local: int) -> int:
     """Where this rank's rows start in :func:`gather_rows`' result."""
     rank, world = world_info()

@@ -16,8 +16,9 @@ import torch
 from dualenc.distributed import world_info
 from dualenc.eval.encode import (EncodedImages, encode_images, encode_texts, eval_batches, flatten_captions,
                                  is_image_folder, shard_urls)
-from dualenc.eval.gather import all_ok, broadcast_values, gather_rows, row_offset
+from dualenc.eval.gather import all_ok, broadcast_values, gather_rows, gather_strings, row_offset
 from dualenc.eval.imagefolder import folder_classnames
+from dualenc.eval.imagesets import KnnSet, LinearProbeSet, by_key
 from dualenc.errors import UserError
 from dualenc.eval.imagenet import BUILTIN, load_classnames, load_templates
 from dualenc.eval.layout import CLASSNAMES, TEMPLATES, is_benchmark_root
@@ -162,7 +163,7 @@ def _as_set(cls: type, cfg: Any) -> Any:
 
 
 class EvalSuite:
-    """Zero-shot and retrieval sets evaluated together (see :meth:`run`).
+    """Zero-shot, retrieval, linear-probe and kNN sets evaluated together (see :meth:`run`).
 
     Args:
         zeroshot: ``ZeroShotSet`` objects or dicts (``name``, ``data``, optional ``classnames``,
@@ -170,14 +171,20 @@ class EvalSuite:
         retrieval: ``RetrievalSet`` objects or dicts (``name``, ``data``, optional ``caption_key``, ``ks``,
             ``ties``).
         batch_size / num_workers: per rank, for reading and embedding.
+        linear_probe / knn: ``LinearProbeSet`` / ``KnnSet`` objects or dicts (``name``, ``data`` (a
+            CLIP_benchmark root with train and test splits), optional settings: see
+            ``dualenc.eval.imagesets``).
     """
 
     def __init__(self, zeroshot: list[Any] | None = None, retrieval: list[Any] | None = None, batch_size: int = 256,
                  num_workers: int = 2, image_chunk: int = DEFAULT_IMAGE_CHUNK,
-                 text_chunk: int = DEFAULT_TEXT_CHUNK) -> None:
+                 text_chunk: int = DEFAULT_TEXT_CHUNK, linear_probe: list[Any] | None = None,
+                 knn: list[Any] | None = None) -> None:
         self.zeroshot = [_as_set(ZeroShotSet, c) for c in zeroshot or []]
         self.retrieval = [_as_set(RetrievalSet, c) for c in retrieval or []]
-        names = [s.name for s in self.zeroshot + self.retrieval]
+        self.image_sets = ([_as_set(LinearProbeSet, c) for c in linear_probe or []]
+                           + [_as_set(KnnSet, c) for c in knn or []])
+        names = [s.name for s in self.zeroshot + self.retrieval + self.image_sets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"evaluation set names must be unique (they name the metrics); repeated: {dupes}")
@@ -186,11 +193,11 @@ class EvalSuite:
         self.records: list[dict[str, Any]] = []  # rank 0: the last run's per-set results, with details
 
     def keys(self) -> list[str]:
-        return [k for s in self.zeroshot + self.retrieval for k in s.keys()]
+        return [k for s in self.zeroshot + self.retrieval + self.image_sets for k in s.keys()]
 
     def check(self) -> None:
         """Read what every set needs up front (shard lists, class names, templates); raise naming the set."""
-        for s in self.zeroshot + self.retrieval:
+        for s in self.zeroshot + self.retrieval + self.image_sets:
             try:
                 s.check()
             except Exception as e:  # noqa: BLE001 - re-raised with the set's name
@@ -205,6 +212,8 @@ class EvalSuite:
             out.update(self._one(s, lambda: self._zeroshot(s, model, device)))
         for r in self.retrieval:
             out.update(self._one(r, lambda: self._retrieval(r, model, device)))
+        for t in self.image_sets:
+            out.update(self._one(t, lambda: self._image_tower(t, model, device)))
         return out
 
     def _one(self, s: Any, compute: Callable[[], dict[str, float] | None]) -> dict[str, float]:
@@ -235,12 +244,13 @@ class EvalSuite:
             raise RuntimeError(f"evaluation set {s.name!r} failed on another rank; see its error")
         return result
 
-    def _encode(self, s: Any, model: DualEncoder, device: Any, labels: bool, captions: bool) -> EncodedImages:
+    def _encode(self, s: Any, model: DualEncoder, device: Any, labels: bool, captions: bool,
+                split: str | None = None) -> EncodedImages:
         rank, world = world_info()
         batches = eval_batches(s.data, model.image_tower.data_config, self.batch_size, self.num_workers,
                                labels=labels, captions=captions, rank=rank, world=world,
                                fmt=getattr(s, "format", "auto"), caption_key=getattr(s, "caption_key", "txt"),
-                               split=s.split)
+                               split=split or s.split)
         return encode_images(model, batches, device, labels=labels, captions=captions,
                              name=f"evaluation set {s.name!r} ({s.data})", allow_empty=world > 1)
 
@@ -275,4 +285,20 @@ class EvalSuite:
                                             self.text_chunk, device, CURVE_KS)
         self.records.append({"dataset": s.name, "data": s.data, "task": "zeroshot_retrieval", "metrics": metrics,
                              "details": details})
+        return metrics
+
+    def _image_tower(self, s: LinearProbeSet | KnnSet, model: DualEncoder, device: Any) -> dict[str, float] | None:
+        def encode() -> tuple[EncodedImages, EncodedImages]:
+            return (self._encode(s, model, device, labels=True, captions=False, split=s.train_split),
+                    self._encode(s, model, device, labels=True, captions=False))
+
+        train, test = self._local(s, encode)
+        parts = [(gather_rows(e.embeddings), gather_rows(e.labels), gather_strings(e.keys)) for e in (train, test)]
+        if world_info()[0] != 0:
+            return None
+        metrics = s.score(*by_key(*parts[0]), *by_key(*parts[1]), device=device)
+        per_class = metrics.pop("per_class_recall")
+        self.records.append({"dataset": s.name, "data": s.data, "task": s.task, "metrics": metrics,
+                             "details": {"per_class_recall": per_class, "train_split": s.train_split,
+                                         "split": s.split}})
         return metrics
