@@ -52,6 +52,25 @@ def test_init_from_copies_every_weight(source, kind: str) -> None:
     assert float(model.logit_scale.detach()) == 3.0
 
 
+def test_init_from_an_open_clip_checkpoint_with_frozen_batch_norm(source, tmp_path: Path) -> None:
+    """open_clip_train --lock-image --lock-image-freeze-bn-stats saves FrozenBatchNorm2d: no num_batches_tracked."""
+    from safetensors.torch import load_file
+
+    root, ref = source
+    state = {k: v for k, v in load_file(str(root / "open_clip" / WEIGHTS_FILE)).items()
+             if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(ref.state_dict())
+    torch.save({"epoch": 3, "name": "run", "state_dict": state}, tmp_path / "epoch_3.pt")
+    model = DualEncoder(*towers(1), embed_dim=16, init_from=str(tmp_path / "epoch_3.pt"))
+    assert same(model.state_dict(), ref.state_dict(), "image_tower.trunk.conv_stem")
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items()
+               if not k.endswith("num_batches_tracked"))
+    state.pop("visual.trunk.conv_stem.weight")  # any other missing weight still fails, naming it
+    torch.save({"state_dict": state}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="missing keys: image_tower.trunk.conv_stem.weight"):
+        DualEncoder(*towers(1), embed_dim=16, init_from=str(tmp_path / "bad.pt"))
+
+
 def test_init_parts_and_mismatches(source, tmp_path: Path) -> None:
     root, ref = source
     fresh = DualEncoder(*towers(1), embed_dim=16).state_dict()

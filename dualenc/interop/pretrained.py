@@ -98,6 +98,11 @@ def load_pretrained(model: nn.Module, path: str | Path, parts: Sequence[str] = P
         expected = {k for k in expected if k != "logit_bias"}
     if "logit_bias" in expected and "logit_bias" not in keep:
         expected.discard("logit_bias")  # a softmax-trained source initializing a SigLIP model: keep the init
+    # A locked tower with frozen batch norm (open_clip's --lock-image-freeze-bn-stats, timm's FrozenBatchNorm2d)
+    # has no num_batches_tracked; the counter changes nothing once the statistics are frozen: keep ours.
+    for k in expected - set(keep):
+        if k.endswith(".num_batches_tracked"):
+            keep[k] = model.state_dict()[k]
     sub = _Subset(model, expected)
     load_into(sub, keep, str(path), ignore_prefixes=tuple(k for k in set(keep) - expected if k in scalars))
     return kind
