@@ -1,11 +1,11 @@
-"""A locked image tower's features, computed once per distinct input and reused (LiT training).
+"""A locked tower's features, computed once per distinct input and reused (LiT training).
 
-A locked tower maps the same pixels to the same features, so its forward pass is wasted work after
-the first epoch. The cache is addressed by the content of what the tower sees (a digest of each
-normalized input image), under a fingerprint of the tower's weights and code: a hit is the same
-computation by construction, whatever the sample keys, sources or ranks. With random augmentation
-every view is new and nothing hits (correct, only not faster): train LiT with ``augment: false`` to
-profit, which is the trade-off the cache makes.
+A locked tower maps the same pixels (or token ids) to the same features, so its forward pass is
+wasted work after the first epoch. The cache is addressed by the content of what the tower sees (a
+digest of each input row: a normalized image, or token ids with their mask), under a fingerprint of
+the tower's weights and code: a hit is the same computation by construction, whatever the sample
+keys, sources or ranks. With random augmentation every view is new and nothing hits (correct, only
+not faster): train LiT with ``augment: false`` to profit, which is the trade-off the cache makes.
 
 The table lives in memory and is saved per rank as safetensors (``<dir>/<fingerprint>/rank<R>``,
 atomically) at the end of each training epoch, so later runs with the same tower start warm.
@@ -36,12 +36,17 @@ def tower_fingerprint(tower: nn.Module) -> str:
     return h.hexdigest()
 
 
-def image_digests(images: torch.Tensor) -> list[bytes]:
-    """One content digest per image of a batch (its exact bytes, dtype and shape)."""
-    cpu = images.detach().cpu().contiguous()
-    head = f"{cpu.dtype}:{tuple(cpu.shape[1:])}".encode()
-    return [hashlib.blake2b(head + row.view(torch.uint8).numpy().tobytes(), digest_size=DIGEST).digest()
-            for row in cpu]
+def image_digests(*inputs: torch.Tensor) -> list[bytes]:
+    """One content digest per row of a batch (the exact bytes, dtypes and shapes of all ``inputs``)."""
+    cpus = [x.detach().cpu().contiguous() for x in inputs]
+    head = "|".join(f"{x.dtype}:{tuple(x.shape[1:])}" for x in cpus).encode()
+    out = []
+    for i in range(cpus[0].shape[0]):
+        h = hashlib.blake2b(head, digest_size=DIGEST)
+        for x in cpus:
+            h.update(x[i].reshape(-1).view(torch.uint8).numpy().tobytes())
+        out.append(h.digest())
+    return out
 
 
 class FeatureCache:
@@ -71,20 +76,20 @@ class FeatureCache:
             self.table[d.numpy().tobytes()] = row
 
     @torch.no_grad()
-    def features(self, tower: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """``tower(images)`` in eval mode, computing only the images not seen before."""
-        keys = image_digests(images)
+    def features(self, tower: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """``tower(*inputs)`` in eval mode, computing only the rows not seen before."""
+        keys = image_digests(*inputs)
         missing = [i for i, k in enumerate(keys) if k not in self.table]
         if missing:
             was_training = tower.training
             tower.eval()  # no dropout / drop-path: the cached value must be the deterministic one
-            fresh = tower(images[missing]).float().cpu()
+            fresh = tower(*(x[missing] for x in inputs)).float().cpu()
             tower.train(was_training)
             for i, row in zip(missing, fresh):
                 self.table[keys[i]] = row
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        return torch.stack([self.table[k] for k in keys]).to(images.device)
+        return torch.stack([self.table[k] for k in keys]).to(inputs[0].device)
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses

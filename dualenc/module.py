@@ -59,7 +59,8 @@ class DualEncoderModule(L.LightningModule):
         label_smoothing: for the softmax loss (ALIGN used 0.1).
         optimizer / scheduler: see ``OptimizerConfig`` / ``SchedulerConfig``.
         lock_image / lock_text: freeze a tower LiT-style; the value is how many of its last layer
-            groups stay trainable (0 = fully frozen); ``None`` trains the whole tower.
+            groups stay trainable (0 = fully frozen, and run in eval mode: no dropout); ``None`` trains
+            the whole tower.
         grad_checkpointing: recompute activations in backward to save memory.
         plugins: training plugins (e.g. from ``dualenc.plugins``): modules with
             ``training_losses(batch, output) -> dict[str, Tensor]`` whose terms (already weighted) are
@@ -84,6 +85,8 @@ class DualEncoderModule(L.LightningModule):
             each distinct input image goes through the tower once, later epochs and runs reuse it
             (``dualenc.featcache``; keyed by the pixels and the tower's weights, so never stale).
             Hits need the same pixels every epoch: ``data.augment: false``.
+        text_feature_cache: the same for a fully locked text tower (``lock_text: 0``), keyed by token ids
+            and mask: with both caches, a LiT run with both towers locked trains only the projections.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class DualEncoderModule(L.LightningModule):
         compile_mode: str | None = None,
         fused_loss: bool = False,
         image_feature_cache: str | None = None,
+        text_feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         # Modules are not hyperparameters: they must not be pickled into checkpoints.
@@ -156,13 +160,15 @@ class DualEncoderModule(L.LightningModule):
             model.image_tower.compile(mode=compile_mode)
             model.text_tower.compile(mode=compile_mode)
         self._skipped: dict[str, dict[int, dict[str, int]]] = {"train": {}, "val": {}, "test": {}}
-        if image_feature_cache is not None and lock_image != 0:
-            raise ValueError(f"image_feature_cache needs a fully locked image tower (lock_image: 0), got lock_image: "
-                             f"{lock_image}; a trained tower's features change every step")
-        if image_feature_cache is not None and (compile_step or grad_cache_chunks is not None):
-            raise ValueError("image_feature_cache cannot be combined with compile_step or grad_cache_chunks")
-        self.image_feature_cache = image_feature_cache
-        self._feature_cache: Any = None  # built at fit start, from the weights the tower then holds
+        for kind, cache, lock in (("image", image_feature_cache, lock_image), ("text", text_feature_cache, lock_text)):
+            if cache is not None and lock != 0:
+                raise ValueError(f"{kind}_feature_cache needs a fully locked {kind} tower (lock_{kind}: 0), got "
+                                 f"lock_{kind}: {lock}; a trained tower's features change every step")
+            if cache is not None and (compile_step or grad_cache_chunks is not None):
+                raise ValueError(f"{kind}_feature_cache cannot be combined with compile_step or grad_cache_chunks")
+        self.cache_dirs = {"image": image_feature_cache, "text": text_feature_cache}
+        self.fully_locked = {"image": lock_image == 0, "text": lock_text == 0}
+        self._caches: dict[str, Any] = {}  # built at fit start, from the weights the towers then hold
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -185,22 +191,37 @@ class DualEncoderModule(L.LightningModule):
     def _cached_forward_loss(self, image: torch.Tensor, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor) -> tuple[torch.Tensor, DualEncoderOutput]:
         m = self.model
-        feats = self._feature_cache.features(m.image_tower, image)
-        feats = feats.to(next(m.image_proj.parameters(), feats).dtype)  # bf16-true weights take bf16 inputs
-        out = DualEncoderOutput(m.project_image(feats), m.encode_text(input_ids, attention_mask), m.scale(),
-                                m.logit_bias)
+
+        def feats(kind: str, tower: nn.Module, proj: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+            if kind not in self._caches:
+                return tower(*inputs)
+            x = self._caches[kind].features(tower, *inputs)
+            return x.to(next(proj.parameters(), x).dtype)  # bf16-true weights take bf16 inputs
+
+        text = m.text_proj(feats("text", m.text_tower, m.text_proj, input_ids, attention_mask))
+        out = DualEncoderOutput(m.project_image(feats("image", m.image_tower, m.image_proj, image)),
+                                torch.nn.functional.normalize(text, dim=-1), m.scale(), m.logit_bias)
         return self.contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias), out
 
-    def on_fit_start(self) -> None:
-        if self.image_feature_cache is not None and self._feature_cache is None:
-            from dualenc.featcache import FeatureCache, tower_fingerprint
+    def on_train_start(self) -> None:
+        # A fully locked tower is a fixed feature extractor (LiT): eval mode, so no dropout noise on its features
+        # and cached and computed features agree. Lightning restores this mode after each validation.
+        for kind, locked in self.fully_locked.items():
+            if locked:
+                (self.model.image_tower if kind == "image" else self.model.text_tower).eval()
 
-            self._feature_cache = FeatureCache(self.image_feature_cache, tower_fingerprint(self.model.image_tower))
+    def on_fit_start(self) -> None:
+        from dualenc.featcache import FeatureCache, tower_fingerprint
+
+        for kind, folder in self.cache_dirs.items():
+            if folder is not None and kind not in self._caches:
+                tower = self.model.image_tower if kind == "image" else self.model.text_tower
+                self._caches[kind] = FeatureCache(folder, tower_fingerprint(tower))
 
     def _step_forward(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, DualEncoderOutput]:
         """Model + loss; under ``compile_step`` one compiled graph (training only: eval stays eager)."""
         args = (batch["image"], batch["input_ids"], batch["attention_mask"])
-        if train and self._feature_cache is not None:
+        if train and self._caches:
             return self._cached_forward_loss(*args)
         if not (self.compile_step and train):
             return self._forward_loss(*args)
@@ -334,10 +355,10 @@ class DualEncoderModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_skips("train", "data/skipped_")
-        if self._feature_cache is not None:
-            self.log("train/feature_cache_hit_rate", self._feature_cache.hit_rate())
-            self._feature_cache.hits = self._feature_cache.misses = 0  # a rate per epoch
-            self._feature_cache.save(self.global_rank)
+        for kind, cache in self._caches.items():
+            self.log(f"train/{kind}_cache_hit_rate", cache.hit_rate())
+            cache.hits = cache.misses = 0  # a rate per epoch
+            cache.save(self.global_rank)
 
     def on_validation_epoch_end(self) -> None:
         self._log_skips("val", "data/val_skipped_")

@@ -32,13 +32,17 @@ def batches(tokenize, n: int = 3, seed: int = 0) -> list[dict]:
     return out
 
 
-def fit(minilm_dir: str, cache: str | None, epochs: int = 2, calls: list | None = None) -> tuple[DualEncoderModule, list]:
+def fit(minilm_dir: str, cache: str | None, epochs: int = 2, calls: list | None = None,
+        kinds: tuple[str, ...] = ("image",)) -> tuple[DualEncoderModule, list]:
     torch.manual_seed(0)
     image = TimmImageTower("test_efficientnet", image_size=32)
     text = HFTextTower(config=dict(TINY_BERT), tokenizer=minilm_dir, context_length=16)
     if calls is not None:
-        image.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    module = DualEncoderModule(DualEncoder(image, text, embed_dim=16), lock_image=0, image_feature_cache=cache)
+        for tower in (image, text):
+            tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    caches = {f"{k}_feature_cache": None if cache is None else f"{cache}/{k}" for k in kinds}
+    module = DualEncoderModule(DualEncoder(image, text, embed_dim=16), lock_image=0,
+                               lock_text=0 if "text" in kinds else None, **caches)
     data = batches(text.tokenizer_fn())
     losses = Losses()
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
@@ -47,19 +51,22 @@ def fit(minilm_dir: str, cache: str | None, epochs: int = 2, calls: list | None 
     return module, losses.values
 
 
-def test_cached_lit_training_equals_the_uncached_run_and_runs_the_tower_once_per_image(
-        minilm_dir, tmp_path, single_thread) -> None:
-    plain, plain_losses = fit(minilm_dir, None)
+@pytest.mark.parametrize("kinds", [("image",), ("text",), ("image", "text")])
+def test_cached_lit_training_equals_the_uncached_run_and_runs_each_tower_once_per_input(
+        kinds, minilm_dir, tmp_path, single_thread) -> None:
+    plain, plain_losses = fit(minilm_dir, None, kinds=kinds)
     calls: list[int] = []
-    cached, cached_losses = fit(minilm_dir, str(tmp_path / "cache"), calls=calls)
+    cached, cached_losses = fit(minilm_dir, str(tmp_path / "cache"), calls=calls, kinds=kinds)
     torch.testing.assert_close(torch.tensor(cached_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(plain.model.state_dict().items(), cached.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert sum(calls) == 12  # 3 batches x 4 images, in the first epoch only
-    # A second run starts warm from the saved table: the tower never runs, the result is the same.
+    # 3 batches x 4 inputs per cached tower in the first epoch only; an uncached tower runs every step.
+    assert sum(calls) == 12 * len(kinds) + 24 * (2 - len(kinds))
+    # A second run starts warm from the saved tables: the cached towers never run, the result is the same.
     calls.clear()
-    again, again_losses = fit(minilm_dir, str(tmp_path / "cache"), calls=calls)
-    assert calls == [] and again._feature_cache.hit_rate() == 0.0  # counters reset at each epoch end
+    again, again_losses = fit(minilm_dir, str(tmp_path / "cache"), calls=calls, kinds=kinds)
+    assert sum(calls) == 24 * (2 - len(kinds))
+    assert all(c.hit_rate() == 0.0 for c in again._caches.values())  # counters reset at each epoch end
     assert again_losses == cached_losses
 
 
@@ -87,3 +94,5 @@ def test_the_cache_refuses_a_tower_that_trains(tiny_model) -> None:
         DualEncoderModule(tiny_model, image_feature_cache="c")
     with pytest.raises(ValueError, match="fully locked"):
         DualEncoderModule(tiny_model, lock_image=1, image_feature_cache="c")
+    with pytest.raises(ValueError, match="fully locked text tower \\(lock_text: 0\\)"):
+        DualEncoderModule(tiny_model, lock_image=0, lock_text=2, text_feature_cache="c")
