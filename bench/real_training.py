@@ -91,7 +91,8 @@ def fit_dualenc(config: Path, seed: int, init: Path, root: Path, s: dict[str, An
                 extra: list[str]) -> dict[str, Any]:
     cmd = [str(REPO / ".venv/bin/dualenc"), "fit", "--config", str(config), "--seed_everything", str(seed),
            "--model.model.init_from", str(init), "--trainer.default_root_dir", str(root), *dualenc_args(s),
-           "--model.image_feature_cache", str(cache) if cache else "null", *extra]
+           "--model.image_feature_cache", str(cache) if cache else "null",
+           "--model.text_feature_cache", str(cache) if cache and s["unlocked_text_layers"] == 0 else "null", *extra]
     wall = run(cmd, root.with_suffix(".log"))
     rates = [float(r["train/samples_per_sec"]) for r in csv.DictReader(open(next(root.rglob("metrics.csv"))))
              if r.get("train/samples_per_sec")]
@@ -167,11 +168,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="LiT: only the projections and temperature learn")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--context", type=int, default=16)
-    p.add_argument("--unlocked-text-layers", type=int, default=None,
-                   help="lock the text tower but its last N layers (default: the whole text tower trains)")
+    p.add_argument("--unlocked-text-layers", type=int, default=0,
+                   help="LiT rows: the text tower's last N layers train (0: locked, as configs/real; -1: all train)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", default="baselines,lit,lit_nocache,open_clip_lit",
                    help="comma list of: baselines, lit, lit_nocache, open_clip_lit, finetune, open_clip_finetune")
@@ -182,7 +184,10 @@ def main() -> None:
 
     out, data = (REPO / a.out).resolve(), (REPO / a.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if a.unlocked_text_layers < 0:
+        a.unlocked_text_layers = None
     s = settings(a)
+    s_ft = dict(s, lr=a.finetune_lr, unlocked_text_layers=None)  # both towers train
     shards, samples = shard_spec(data / "train")
     rows_wanted = a.rows.split(",")
     result_path = REPO / a.json
@@ -193,7 +198,7 @@ def main() -> None:
     def record(name: str, entry: dict[str, Any]) -> None:
         runs.setdefault(name, [])
         runs[name] = [r for r in runs[name] if r.get("seed") != entry.get("seed")] + [entry]
-        result.update(runs=runs, summary=summarize(runs), settings=s, data=str(a.data), samples=samples,
+        result.update(runs=runs, summary=summarize(runs), settings=s, finetune_settings=s_ft, data=str(a.data), samples=samples,
                       command=" ".join(sys.argv), torch=torch.__version__, threads=torch.get_num_threads(),
                       machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU")
         result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +221,10 @@ def main() -> None:
             r = fit_open_clip(seed, oc, out / f"open_clip_lit_{seed}", s, shards, samples, finetune=False)
             record("open_clip_lit", {"seed": seed, **r, **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
         if "finetune" in rows_wanted:
-            r = fit_dualenc(FINETUNE, seed, de, out / f"finetune_{seed}", s, None, ["--data.hflip", "0"])
+            r = fit_dualenc(FINETUNE, seed, de, out / f"finetune_{seed}", s_ft, None, ["--data.hflip", "0"])
             record("finetune", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
         if "open_clip_finetune" in rows_wanted:
-            r = fit_open_clip(seed, oc, out / f"open_clip_finetune_{seed}", s, shards, samples, finetune=True)
+            r = fit_open_clip(seed, oc, out / f"open_clip_finetune_{seed}", s_ft, shards, samples, finetune=True)
             record("open_clip_finetune", {"seed": seed, **r,
                                           **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
 
