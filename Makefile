@@ -26,7 +26,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dualenc-data real --source $(SOURCE) --out $(REAL) --overwrite
 	$(BIN)/dualenc fit --config configs/real/lit_lite0_minilm.yaml --data.train $(REAL)/train \
-	    --trainer.max_epochs 8 --data.eval_sets.zeroshot '[{name: unseen, data: $(REAL)/eval/unseen}, {name: all, data: $(REAL)/eval/all}]' \
+	    --trainer.max_epochs 4 --data.eval_sets.zeroshot '[{name: unseen, data: $(REAL)/eval/unseen}, {name: all, data: $(REAL)/eval/all}]' \
 	    --data.eval_sets.linear_probe '[]' --data.eval_sets.knn '[]'
 	$(BIN)/dualenc zeroshot --model runs/real_lit/export --data $(REAL)/eval/unseen --name "classes never captioned in training"
 
