@@ -67,6 +67,7 @@ class StreamLoader(DataLoader):
         self._length = stream.batches_per_worker * max(1, num_workers)
         self.consumed: dict[int, tuple[int, int, dict[str, int]]] = {}
         self.consumed_epoch = -1
+        self.next_worker = 0  # the worker whose batch the loop takes next (DataLoader's round-robin)
         self._rng_to_restore: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -79,9 +80,10 @@ class StreamLoader(DataLoader):
             self.stream.state = resume
             self.consumed = {w: (resume.positions[w], resume.batches.get(w, 0), dict(resume.skipped.get(w, {})))
                              for w in resume.positions}
+            self.next_worker = resume.first
         else:
             self.stream.state = StreamState(epoch=epoch)
-            self.consumed = {}
+            self.consumed, self.next_worker = {}, 0
             if resume is not None and resume.epoch < epoch and self._rng_to_restore is not None:
                 # A checkpoint of a finished epoch: the uninterrupted run went from it straight into this
                 # epoch's iterator, which draws the workers' base seed from torch's RNG: restore it first.
@@ -96,6 +98,7 @@ class StreamLoader(DataLoader):
         if epoch != self.consumed_epoch:
             self.consumed, self.consumed_epoch = {}, epoch
         self.consumed[worker] = (pos, made, dict(batch.get("skipped", {})))
+        self.next_worker = (worker + 1) % max(1, self.num_workers)
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -109,7 +112,7 @@ class StreamLoader(DataLoader):
                  "positions": {w: p for w, (p, _, _) in self.consumed.items()},
                  "batches": {w: m for w, (_, m, _) in self.consumed.items()},
                  "skipped": {w: s for w, (_, _, s) in self.consumed.items()},
-                 "rng": _rng_state()}
+                 "next_worker": self.next_worker, "rng": _rng_state()}
         ranks = [local]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Checkpoints are written by rank 0 but every rank's position is needed to resume;
@@ -140,9 +143,12 @@ class StreamLoader(DataLoader):
         if mine["epoch"] < 0:
             return None
         self._rng_to_restore = mine.get("rng")
+        batches = {int(k): v for k, v in mine["batches"].items()}
+        # Older checkpoints lack next_worker: the round-robin from worker 0 asks worker (batches taken) mod W.
+        first = mine.get("next_worker", sum(batches.values()) % max(1, self.num_workers))
         return StreamState(epoch=mine["epoch"], positions={int(k): v for k, v in mine["positions"].items()},
-                           batches={int(k): v for k, v in mine["batches"].items()},
-                           skipped={int(k): dict(v) for k, v in mine.get("skipped", {}).items()})
+                           batches=batches, skipped={int(k): dict(v) for k, v in mine.get("skipped", {}).items()},
+                           first=int(first))
 
 
 class WebDataModule(L.LightningDataModule):

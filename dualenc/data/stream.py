@@ -69,12 +69,14 @@ class Source:
 
 @dataclass
 class StreamState:
-    """Where each worker of this rank stopped: raw slots emitted, batches yielded, skips counted."""
+    """Where each worker of this rank stopped: raw slots emitted, batches yielded, skips counted, and
+    ``first``: the worker the loader asks next (loader process 0 plays it, 1 the one after, ...)."""
 
     epoch: int = 0
     positions: dict[int, int] = field(default_factory=dict)
     batches: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+    first: int = 0
 
 
 @dataclass
@@ -536,6 +538,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # A DataLoader asks its processes round-robin from process 0; a resumed epoch must go on with the
+        # worker the uninterrupted run would have asked next, so process k plays worker first + k.
+        worker = (worker + self.state.first) % workers
         pos = self.state.positions.get(worker, 0)
         made = self.state.batches.get(worker, 0)
         self.skipped.clear()  # per epoch; a resumed worker starts from the counts it had
@@ -575,5 +580,6 @@ class ShardStream(IterableDataset):
                 made += 1
                 out = self.collate(batch)
                 out["stream"] = torch.tensor([epoch, worker, pos, made])
+                out["worker"] = worker
                 yield out
                 batch = []
