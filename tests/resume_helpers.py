@@ -28,7 +28,7 @@ def fit(cfg: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None,
 
 
 def config(tmp: Path, data: Path, workers: int, keys: Path, kill_at: int | None, every: int = 5,
-           total_steps: int = 24, **data_args) -> Path:
+           total_steps: int = 24, kill_rank: int | None = None, callbacks: tuple = (), **data_args) -> Path:
     """The tiny config of one epoch with keys, losses (keys' sibling losses.tsv) and final weights (weights.pt)
     recorded, checkpoints every ``every`` steps (all kept), and a SIGKILL at ``kill_at``."""
     base = tiny_config(tmp, data, max_epochs=1)
@@ -42,7 +42,9 @@ def config(tmp: Path, data: Path, workers: int, keys: Path, kill_at: int | None,
         cfg["trainer"]["callbacks"].append({"class_path": f"resume_helpers.{name}",
                                             "init_args": {"path": str(keys.with_name(path))}})
     if kill_at is not None:
-        cfg["trainer"]["callbacks"].append({"class_path": "tests_helpers.KillAtStep", "init_args": {"step": kill_at}})
+        cfg["trainer"]["callbacks"].append({"class_path": "tests_helpers.KillAtStep",
+                                            "init_args": {"step": kill_at, "rank": kill_rank}})
+    cfg["trainer"]["callbacks"] += list(callbacks)
     cfg["data"].update(num_workers=workers, batch_size=16, shuffle_buffer=64, **data_args)
     cfg["model"]["scheduler"]["total_steps"] = total_steps
     path = tmp / f"resume_{kill_at}.yaml"
