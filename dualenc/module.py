@@ -151,6 +151,7 @@ class DualEncoderModule(L.LightningModule):
             model.image_tower.compile(mode=compile_mode)
             model.text_tower.compile(mode=compile_mode)
         self._skipped: dict[str, dict[int, dict[str, int]]] = {"train": {}, "val": {}, "test": {}}
+        self._repeated: int | None = None  # this epoch's samples taken twice (WebDataModule's train loader)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -203,6 +204,8 @@ class DualEncoderModule(L.LightningModule):
         # worker's cumulative counts. Kept per split: validation never overwrites training's.
         if "skipped_split" in batch:
             self._skipped[stage] = {-1: batch["skipped_split"]}
+            if stage == "train" and "repeated_split" in batch:
+                self._repeated = int(batch["repeated_split"])
         else:
             self._skipped[stage][batch.get("worker", 0)] = batch.get("skipped", {})
 
@@ -299,12 +302,15 @@ class DualEncoderModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._skipped["train"] = {}
+        self._repeated = None
 
     def on_validation_epoch_start(self) -> None:
         self._skipped["val"] = {}
 
     def on_train_epoch_end(self) -> None:
         self._log_skips("train", "data/skipped_")
+        if self._repeated is not None:  # re-reads of workers that cycle: not skips, not counted among them
+            self.log("data/repeated", float(self._repeated), sync_dist=True, reduce_fx="sum")
 
     def on_validation_epoch_end(self) -> None:
         self._log_skips("val", "data/val_skipped_")
