@@ -31,20 +31,32 @@ def _cfg(run: Path, data: Path, kill_at: int | None = None, check: bool = False)
                   callbacks=extra if check else (), epoch_samples=SAMPLES)
 
 
+def _torchrun_cmd(node: int, port: int, cfg: Path, *extra: str) -> list[str]:
+    """One node's torchrun command line (as the README gives it)."""
+    return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", *_fit_cmd(cfg, *extra)]
+
+
+def _fit_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [str(BIN / "dualenc"), "fit", "--config", str(cfg),
+            "--config", str(REPO / "configs" / "strategy" / "multinode.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra]
+
+
 def _torchrun(cfg: Path, run: Path, *extra: str, timeout: float = 240) -> list[int]:
-    """Both nodes' torchrun commands (as the README gives them), run side by side; their exit codes."""
     port = free_port()
+    return _launch([(_torchrun_cmd(node, port, cfg, *extra), {}) for node in range(2)], run, timeout)
+
+
+def _launch(nodes: list[tuple[list[str], dict[str, str | None]]], run: Path, timeout: float = 240) -> list[int]:
+    """Both nodes' commands (each with its own environment), run side by side; their exit codes."""
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = []
-    for node in range(2):
-        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python",
-               str(BIN / "dualenc"), "fit", "--config", str(cfg),
-               "--config", str(REPO / "configs" / "strategy" / "multinode.yaml"),
-               "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra]
+    for node, (cmd, node_env) in enumerate(nodes):
         log = (run / f"node{node}.log").open("w")
-        procs.append(subprocess.Popen(cmd, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT,
+        merged = {k: v for k, v in {**env, **node_env}.items() if v is not None}  # None: unset
+        procs.append(subprocess.Popen(cmd, cwd=run, env=merged, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     deadline = time.monotonic() + timeout
     codes: list[int | None] = [None, None]
@@ -96,3 +108,31 @@ def test_two_nodes_by_torchrun_then_one_killed_and_both_resumed(tmp_path: Path, 
         for s in got:
             assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), (r, s)
     assert max_abs_diff(ref / "weights.pt", run / "weights.pt") <= 1e-6
+
+
+def _node_env(launcher: str, node: int, port: int) -> dict[str, str | None]:
+    """The rendezvous variables a cluster sets for node ``node`` of 2 (one process each)."""
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if launcher == "slurm":  # what srun sets for `sbatch --nodes 2 --ntasks-per-node 1`
+        return {**common, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2",
+                "SLURM_PROCID": str(node), "SLURM_LOCALID": "0", "SLURM_NODEID": str(node),
+                "SLURM_JOB_NAME": "dualenc", "SLURM_JOB_ID": "1"}
+    return {**common, "NODE_RANK": str(node), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # Lightning's own
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["slurm", "env"])
+def test_two_nodes_from_the_environment(tmp_path: Path, demo_data: Path, launcher: str) -> None:
+    # Two steps: the rendezvous from SLURM's variables or Lightning's (MASTER_ADDR/PORT, NODE_RANK,
+    # WORLD_SIZE, LOCAL_RANK) joins both nodes; each rank reads its own samples; one checkpoint, one export.
+    cfg = _cfg(tmp_path, demo_data)
+    port = free_port()
+    clean = {k: None for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_", "GROUP_RANK", "RANK", "LOCAL_"))}
+    nodes = [(_fit_cmd(cfg, "--trainer.max_steps", "2"), {**clean, **_node_env(launcher, n, port)}) for n in range(2)]
+    assert _launch(nodes, tmp_path, timeout=180) == [0, 0], _tail(tmp_path)
+    keys = [steps(tmp_path / f"keys.rank{r}.tsv") for r in range(2)]
+    assert sorted(keys[0]) == sorted(keys[1]) == [1, 2]
+    assert not {k for ks in keys[0].values() for k in ks} & {k for ks in keys[1].values() for k in ks}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt",
+                                                                     "last.ckpt"]
+    assert len(list(tmp_path.rglob("model.safetensors"))) == 1
