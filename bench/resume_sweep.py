@@ -77,7 +77,8 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="the demo data (train/ and tokenizer/), e.g. data/demo")
     p.add_argument("--out", type=Path, default=Path("runs/resume_sweep"))
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
@@ -97,7 +98,8 @@ def main() -> None:
         want = _keys(ref)
         for step in args.steps:
             run = root / f"resume{step}"
-            _fit(_config(run, data, workers, args, None), "--ckpt_path", str(killed / "ckpt" / f"epoch=0-step={step}.ckpt"))
+            ckpt = killed / "ckpt" / f"epoch=0-step={step}.ckpt"
+            _fit(_config(run, data, workers, args, None), "--ckpt_path", str(ckpt))
             got = _keys(run)
             same = got == {s: k for s, k in want.items() if s > step}
             bad = [s for s in sorted(got) if got[s] != want.get(s)]

@@ -296,8 +296,10 @@ class WebDataModule(L.LightningDataModule):
         usable_total = None if None in usable else sum(usable)  # type: ignore[arg-type]
         known = usable_total if usable_total is not None else slots
         covers = samples is None or (known is not None and samples >= known)
+        counted = ("epoch_samples" if samples is not None else
+                   "usable.json" if usable_total is not None else "sizes.json")
         if samples is None:  # usable.json (what decodes) when `dualenc-data stats` wrote it, else the slots
-            samples = usable_total if usable_total is not None else slots
+            samples = known
         if samples is None:
             raise ConfigError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
                               f"--data.{'epoch_samples' if train else name + '_samples'} (or run dualenc-data stats "
@@ -322,8 +324,7 @@ class WebDataModule(L.LightningDataModule):
             index_shards=train, split=name)
         stream.finish_pass = train and covers
         if train:
-            plan = EpochPlan.of(sources, samples, self.batch_size, world, workers, per_worker,
-                                "usable.json" if usable_total is not None and samples == usable_total else None)
+            plan = EpochPlan.of(sources, samples, self.batch_size, world, workers, per_worker, counted)
             rank_zero_info(plan.text())
             if plan.waste() > PLAN_WARN:
                 rank_zero_warn(plan.warning())

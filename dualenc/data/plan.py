@@ -31,7 +31,7 @@ class EpochPlan:
 
     @classmethod
     def of(cls, sources: list[Source], samples: int, batch_size: int, world: int, workers: int,
-           batches_per_worker: int, counted: str | None) -> "EpochPlan":
+           batches_per_worker: int, counted: str) -> "EpochPlan":
         need = batches_per_worker * batch_size
         shares: list[float] = [0.0] * (world * workers)
         shards, ratio_num, ratio_den = 0, 0, 0
@@ -48,7 +48,7 @@ class EpochPlan:
                     s.weight for s in sources)
         ratio = ratio_num / ratio_den if ratio_den else 1.0
         repeated = int(sum(max(0.0, need - share * ratio) for share in shares)) if ratio_den else 0
-        return cls(samples, counted or ("epoch_samples / sizes.json"), batch_size, world, workers,
+        return cls(samples, counted, batch_size, world, workers,
                    batches_per_worker, shards, int(min(shares)), int(max(shares)), ratio, repeated,
                    ratio_num if ratio_den else None)
 
