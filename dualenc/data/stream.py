@@ -12,7 +12,9 @@ open_clip can resume mid-epoch; this is why the reading loop is ours.
 
 Shards are split over (rank, worker) slots by their sample counts; empty shards are skipped (and
 counted once per epoch); with fewer non-empty shards than slots, slots share a shard by taking every
-k-th sample. Every worker yields the same number of batches, cycling its samples if it runs out.
+k-th sample. Every worker yields the same number of batches, cycling its samples if it runs out; skips
+count in its first pass only (a later pass's samples are counted as repeated), so an epoch counts each
+bad sample once whatever the number of workers.
 """
 
 from __future__ import annotations
