@@ -259,6 +259,10 @@ def _run_stats(args: argparse.Namespace) -> int:
     for folder, entry in stats["sizes_json"].items():
         if entry["written"]:
             print(f"wrote {folder}/sizes.json")
+    for folder, entry in stats.get("usable_json", {}).items():
+        if entry["written"]:
+            print(f"wrote {folder}/usable.json: {entry['usable']} samples training can use (skips: "
+                  f"{entry['skipped'] or 'none'}); the epoch counts these")
         elif "hint" in entry:
             print(f"{folder}: {entry['hint']}")
     print(f"wrote {args.out}/stats.json" + ("" if args.no_plots else " and plots"))

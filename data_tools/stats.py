@@ -123,6 +123,8 @@ def shard_stats(
         },
         "sizes_json": _sizes_json(per_shard, write_sizes),
     }
+    if write_sizes is not False:
+        stats["usable_json"] = _usable_json(paths, write_sizes)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,36 @@ def _sizes_json(per_shard: dict[str, int], write: bool | None) -> dict[str, Any]
             entry["mismatch"] = wrong
             entry["hint"] = "sizes.json disagrees with the shards; rerun with --write-sizes to fix it"
         result[str(folder)] = entry
+    return result
+
+
+def _usable_json(paths: list[str], write: bool | None) -> dict[str, Any]:
+    """Write ``usable.json`` per shard directory (missing, or always with ``write``): the samples training's
+    decoder accepts (default decoder: ``.txt`` captions, default ``max_pixels``). Training's epoch counts
+    these, not the slots of sizes.json, so an epoch is one pass over what it can use."""
+    from dualenc.data.decode import SampleDecoder
+    from dualenc.data.sources import USABLE_FILE
+    from dualenc.data.tario import iter_slots
+
+    by_dir: dict[Path, list[str]] = {}
+    for p in paths:
+        by_dir.setdefault(Path(p).parent, []).append(p)
+    result: dict[str, Any] = {}
+    for folder, shards in sorted(by_dir.items()):
+        f = folder / USABLE_FILE
+        if f.is_file() and write is not True:
+            result[str(folder)] = {"existed": True, "written": False}
+            continue
+        decoder = SampleDecoder()
+        counts = {}
+        for path in shards:
+            counts[Path(path).name] = sum(1 for _, slot in iter_slots(path, decoder.wanted)
+                                          if not slot.get("__drop__") and decoder(slot) is not None)
+        existed = f.is_file()
+        existing = json.loads(f.read_text(encoding="utf-8")) if existed else {}
+        write_json_atomic(f, {**existing, **counts})
+        result[str(folder)] = {"existed": existed, "written": True, "usable": sum(counts.values()),
+                               "skipped": dict(decoder.skipped)}
     return result
 
 

@@ -169,6 +169,7 @@ class DualEncoderModule(L.LightningModule):
         self.cache_dirs = {"image": image_feature_cache, "text": text_feature_cache}
         self.fully_locked = {"image": lock_image == 0, "text": lock_text == 0}
         self._caches: dict[str, Any] = {}  # built at fit start, from the weights the towers then hold
+        self._repeated: int | None = None  # this epoch's samples taken twice (WebDataModule's train loader)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -253,6 +254,8 @@ class DualEncoderModule(L.LightningModule):
         # worker's cumulative counts. Kept per split: validation never overwrites training's.
         if "skipped_split" in batch:
             self._skipped[stage] = {-1: batch["skipped_split"]}
+            if stage == "train" and "repeated_split" in batch:
+                self._repeated = int(batch["repeated_split"])
         else:
             self._skipped[stage][batch.get("worker", 0)] = batch.get("skipped", {})
 
@@ -349,6 +352,7 @@ class DualEncoderModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._skipped["train"] = {}
+        self._repeated = None
 
     def on_validation_epoch_start(self) -> None:
         self._skipped["val"] = {}
@@ -359,6 +363,8 @@ class DualEncoderModule(L.LightningModule):
             self.log(f"train/{kind}_cache_hit_rate", cache.hit_rate())
             cache.hits = cache.misses = 0  # a rate per epoch
             cache.save(self.global_rank)
+        if self._repeated is not None:  # re-reads of workers that cycle: not skips, not counted among them
+            self.log("data/repeated", float(self._repeated), sync_dist=True, reduce_fx="sum")
 
     def on_validation_epoch_end(self) -> None:
         self._log_skips("val", "data/val_skipped_")

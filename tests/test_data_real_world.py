@@ -174,7 +174,9 @@ def test_resume_from_counts_equals_uninterrupted(tmp_path: Path, monkeypatch, wo
             loader = _dm(spec, rank, world, **kw).train_dataloader()
             epoch, worker, pos, made = (int(x) for x in ref[cut - 1]["stream"])
             state = {"ranks": [{"epoch": 0, "positions": {w: pos}, "batches": {w: made},
-                                "skipped": {w: ref[cut - 1]["skipped"]}}] * world, "num_workers": workers,
+                                "skipped": {w: ref[cut - 1]["skipped"]},
+                                # worker w is run by itself here (no round-robin to go on with): no rotation
+                                "next_worker": 0}] * world, "num_workers": workers,
                      "order": stream_mod.ORDER}
             loader.load_state_dict(state)
             read.clear()

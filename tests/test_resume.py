@@ -7,59 +7,13 @@ and from Lightning's end-of-epoch one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests_helpers import tiny_config
-
-TESTS = Path(__file__).resolve().parent
-
-
-def _fit(cfg: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
-    cmd = [str(Path(sys.executable).parent / "dualenc"), "fit", "--config", str(cfg), *extra]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _config(tmp: Path, data: Path, workers: int, keys: Path, kill_at: int | None) -> Path:
-    # Losses go to keys' sibling losses.tsv, final weights to weights.pt.
-    base = tiny_config(tmp, data, max_epochs=1)
-    cfg = yaml.safe_load(base.read_text())
-    cfg["trainer"].pop("max_steps", None)
-    cfg["trainer"]["limit_val_batches"] = 0
-    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
-    cfg["trainer"]["callbacks"].append({"class_path": "dualenc.callbacks.SampleKeyLogger",
-                                        "init_args": {"path": str(keys)}})
-    cfg["trainer"]["callbacks"].append({"class_path": "resume_helpers.LossLogger",
-                                        "init_args": {"path": str(keys.with_name("losses.tsv"))}})
-    cfg["trainer"]["callbacks"].append({"class_path": "resume_helpers.SaveWeightsOnEnd",
-                                        "init_args": {"path": str(keys.with_name("weights.pt"))}})
-    if kill_at is not None:
-        cfg["trainer"]["callbacks"].append({"class_path": "tests_helpers.KillAtStep", "init_args": {"step": kill_at}})
-    cfg["data"].update(num_workers=workers, batch_size=16, shuffle_buffer=64)
-    cfg["model"]["scheduler"]["total_steps"] = 24
-    path = tmp / f"resume_{kill_at}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _steps(path: Path) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for line in path.read_text().splitlines():
-        _, step, keys = line.split("\t")
-        out[int(step)] = keys.split()
-    return out
-
-
-def _losses(path: Path) -> dict[int, float]:
-    return {int(s): float(v) for s, v in (line.split("\t") for line in path.read_text().splitlines())}
+from resume_helpers import config as _config, fit as _fit, losses as _losses, steps as _steps
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -54,13 +54,14 @@ def tiny_config(tmp: Path, data: Path, **trainer) -> Path:
 
 
 class KillAtStep(L.Callback):
-    """SIGKILLs its own process once training reaches ``step``: a hard crash at a known point."""
+    """SIGKILLs its own process once training reaches ``step``: a hard crash at a known point (only on
+    global rank ``rank`` when given: one node of several dies)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

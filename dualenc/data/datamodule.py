@@ -10,12 +10,14 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualenc.data.decode import SampleDecoder
 from dualenc.data.evalsets import EvalSets, as_eval_sets
 from dualenc.data.gpu_decode import byte_preprocessing, decode_batch
-from dualenc.data.sources import expand_urls, shard_counts
+from dualenc.data.plan import PLAN_WARN, EpochPlan
+from dualenc.data.sources import expand_urls, shard_counts, usable_counts
 from dualenc.data.stream import ORDER, ShardStream, Source, StreamState
 from dualenc.data.tario import iter_samples
 from dualenc.data.transforms import Collate, draft_min_side, image_transform, normalize_uint8
@@ -66,7 +68,9 @@ class StreamLoader(DataLoader):
         self.resume: StreamState | None = None
         self._length = stream.batches_per_worker * max(1, num_workers)
         self.consumed: dict[int, tuple[int, int, dict[str, int]]] = {}
+        self.repeated: dict[int, int] = {}  # per worker: samples taken again from a later pass this epoch
         self.consumed_epoch = -1
+        self.next_worker = 0  # the worker whose batch the loop takes next (DataLoader's round-robin)
         self._rng_to_restore: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -79,9 +83,10 @@ class StreamLoader(DataLoader):
             self.stream.state = resume
             self.consumed = {w: (resume.positions[w], resume.batches.get(w, 0), dict(resume.skipped.get(w, {})))
                              for w in resume.positions}
+            self.next_worker, self.repeated = resume.first, dict(resume.repeated)
         else:
             self.stream.state = StreamState(epoch=epoch)
-            self.consumed = {}
+            self.consumed, self.next_worker, self.repeated = {}, 0, {}
             if resume is not None and resume.epoch < epoch and self._rng_to_restore is not None:
                 # A checkpoint of a finished epoch: the uninterrupted run went from it straight into this
                 # epoch's iterator, which draws the workers' base seed from torch's RNG: restore it first.
@@ -94,8 +99,10 @@ class StreamLoader(DataLoader):
         """Record a batch the loop is about to use; returns this split's skip counts so far (all workers)."""
         epoch, worker, pos, made = (int(x) for x in batch["stream"])
         if epoch != self.consumed_epoch:
-            self.consumed, self.consumed_epoch = {}, epoch
+            self.consumed, self.consumed_epoch, self.repeated = {}, epoch, {}
         self.consumed[worker] = (pos, made, dict(batch.get("skipped", {})))
+        self.repeated[worker] = int(batch.get("repeated", 0))
+        self.next_worker = (worker + 1) % max(1, self.num_workers)
         if self._rng_to_restore is not None:
             _set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -109,7 +116,7 @@ class StreamLoader(DataLoader):
                  "positions": {w: p for w, (p, _, _) in self.consumed.items()},
                  "batches": {w: m for w, (_, m, _) in self.consumed.items()},
                  "skipped": {w: s for w, (_, _, s) in self.consumed.items()},
-                 "rng": _rng_state()}
+                 "next_worker": self.next_worker, "repeated": dict(self.repeated), "rng": _rng_state()}
         ranks = [local]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Checkpoints are written by rank 0 but every rank's position is needed to resume;
@@ -140,9 +147,12 @@ class StreamLoader(DataLoader):
         if mine["epoch"] < 0:
             return None
         self._rng_to_restore = mine.get("rng")
+        batches = {int(k): v for k, v in mine["batches"].items()}
+        # Older checkpoints lack next_worker: the round-robin from worker 0 asks worker (batches taken) mod W.
+        first = mine.get("next_worker", sum(batches.values()) % max(1, self.num_workers))
         return StreamState(epoch=mine["epoch"], positions={int(k): v for k, v in mine["positions"].items()},
-                           batches={int(k): v for k, v in mine["batches"].items()},
-                           skipped={int(k): dict(v) for k, v in mine.get("skipped", {}).items()})
+                           batches=batches, skipped={int(k): dict(v) for k, v in mine.get("skipped", {}).items()},
+                           first=int(first), repeated={int(k): v for k, v in mine.get("repeated", {}).items()})
 
 
 class WebDataModule(L.LightningDataModule):
@@ -288,9 +298,16 @@ class WebDataModule(L.LightningDataModule):
         # slots share shards sample by sample (stream.split_shards), so no worker or rank sits idle.
         num_workers = self.num_workers
         workers = max(1, num_workers)
-        if samples is None:
-            counts = [c for s in sources for c in (s.counts or [None])]
-            samples = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        counts = [c for s in sources for c in (s.counts or [None])]
+        slots = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        usable = [c for s in sources for c in (s.usable or [None])]
+        usable_total = None if None in usable else sum(usable)  # type: ignore[arg-type]
+        known = usable_total if usable_total is not None else slots
+        covers = samples is None or (known is not None and samples >= known)
+        counted = ("epoch_samples" if samples is not None else
+                   "usable.json" if usable_total is not None else "sizes.json")
+        if samples is None:  # usable.json (what decodes) when `dualenc-data stats` wrote it, else the slots
+            samples = known
         if samples is None:
             raise ConfigError(f"{name}: no sizes.json or *_stats.json beside the shards to count samples; set "
                               f"--data.{'epoch_samples' if train else name + '_samples'} (or run dualenc-data stats "
@@ -313,6 +330,12 @@ class WebDataModule(L.LightningDataModule):
             collate, self.batch_size, per_worker, rank, world,
             shuffle_buffer=self.shuffle_buffer if train else 0, resampled=self.resampled and train, seed=self.seed,
             index_shards=train, split=name)
+        stream.finish_pass = train and covers
+        if train:
+            plan = EpochPlan.of(sources, samples, self.batch_size, world, workers, per_worker, counted)
+            rank_zero_info(plan.text())
+            if plan.waste() > PLAN_WARN:
+                rank_zero_warn(plan.warning())
         return StreamLoader(stream, num_workers, self._epoch)
 
     def preprocessing(self, train: bool) -> tuple[SampleDecoder, Callable]:
@@ -398,6 +421,7 @@ class WebDataModule(L.LightningDataModule):
             if loader is not None:
                 # This split's skip counts over all workers of this rank, as consumed; the module logs them.
                 batch["skipped_split"] = loader.note_consumed(batch)
+                batch["repeated_split"] = sum(loader.repeated.values())
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -412,7 +436,7 @@ class WebDataModule(L.LightningDataModule):
 
 def _source(spec: str, weight: float = 1.0) -> Source:
     urls = expand_urls(spec)
-    return Source(urls, weight, shard_counts(urls))
+    return Source(urls, weight, shard_counts(urls), usable_counts(urls))
 
 
 class _EvalStream(IterableDataset):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+USABLE_FILE = "usable.json"  # shard name -> samples that decode (written by `dualenc-data stats`)
 REMOTE_PREFIXES = ("pipe:", "s3://", "gs://", "gcs://", "http://", "https://", "hf://", "az://")
 
 
@@ -58,6 +59,25 @@ def shard_counts(urls: list[str]) -> list[int | None]:
         if n is None:
             stats = path.with_name(path.name.split(".")[0] + "_stats.json")
             n = json.loads(stats.read_text()).get("successes") if stats.is_file() else None
+        out.append(None if n is None else int(n))
+    return out
+
+
+def usable_counts(urls: list[str]) -> list[int | None]:
+    """Each shard's usable samples (those training's decoder accepts), from the ``usable.json`` that
+    ``dualenc-data stats`` writes beside the shards; None where it does not say."""
+    files: dict[str, dict[str, int]] = {}
+    out: list[int | None] = []
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            out.append(None)
+            continue
+        path = Path(url)
+        folder = str(path.parent)
+        if folder not in files:
+            f = Path(folder) / USABLE_FILE
+            files[folder] = json.loads(f.read_text()) if f.is_file() else {}
+        n = files[folder].get(path.name)
         out.append(None if n is None else int(n))
     return out
 

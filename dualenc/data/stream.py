@@ -12,7 +12,9 @@ open_clip can resume mid-epoch; this is why the reading loop is ours.
 
 Shards are split over (rank, worker) slots by their sample counts; empty shards are skipped (and
 counted once per epoch); with fewer non-empty shards than slots, slots share a shard by taking every
-k-th sample. Every worker yields the same number of batches, cycling its samples if it runs out.
+k-th sample. Every worker yields the same number of batches, cycling its samples if it runs out; skips
+count in its first pass only (a later pass's samples are counted as repeated), so an epoch counts each
+bad sample once whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -64,17 +66,21 @@ class Source:
 
     urls: list[str]
     weight: float = 1.0
-    counts: list[int | None] | None = None
+    counts: list[int | None] | None = None  # slots per shard (sizes.json): what the split and a resume use
+    usable: list[int | None] | None = None  # samples that decode per shard (usable.json): the epoch's length
 
 
 @dataclass
 class StreamState:
-    """Where each worker of this rank stopped: raw slots emitted, batches yielded, skips counted."""
+    """Where each worker of this rank stopped: raw slots emitted, batches yielded, skips counted, and
+    ``first``: the worker the loader asks next (loader process 0 plays it, 1 the one after, ...)."""
 
     epoch: int = 0
     positions: dict[int, int] = field(default_factory=dict)
     batches: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+    first: int = 0
+    repeated: dict[int, int] = field(default_factory=dict)  # samples a worker took again from a later pass
 
 
 @dataclass
@@ -239,6 +245,8 @@ class _Ctx:
     part: tuple[int, int] = (0, -1)  # (cycle, part) being generated
     shuffle: _Shuffle | None = None
     usable: int = 0  # samples that decoded (so a pass giving none is caught, not cycled forever)
+    stream: Iterator[Token] | None = None  # this source's tokens (the mix draws from it)
+    last: Token | None = None  # the last token taken
 
 
 def _until(slots: Iterator[tuple[int, Raw]], last: int) -> Iterator[tuple[int, Raw]]:
@@ -287,6 +295,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.index_shards, self.split = index_shards, split
+        # The epoch covers the data: once its batches are made a worker reads the rest of its first pass,
+        # only to count its skips (set by the data module when the epoch's samples are the shards' count).
+        self.finish_pass = False
         self.state = StreamState()  # set by the loader before workers start (epoch, resume point)
         self.replay_reads = False  # benchmarks only: replay by reading every byte, as before counts
         self._scanned: dict[str, int] = {}
@@ -443,6 +454,8 @@ class ShardStream(IterableDataset):
         """Raw position ``pos`` on of the worker's tokens; ``starts``: each source's place there."""
         streams = [self._source_stream(i, worker, workers, c, starts[i] if starts else None)
                    for i, c in enumerate(ctxs)]
+        for c, s in zip(ctxs, streams):
+            c.stream = s
         if len(streams) == 1:
             return streams[0]
         key, cum = self._mix(worker)
@@ -536,6 +549,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # A DataLoader asks its processes round-robin from process 0; a resumed epoch must go on with the
+        # worker the uninterrupted run would have asked next, so process k plays worker first + k.
+        worker = (worker + self.state.first) % workers
         pos = self.state.positions.get(worker, 0)
         made = self.state.batches.get(worker, 0)
         self.skipped.clear()  # per epoch; a resumed worker starts from the counts it had
@@ -557,23 +573,67 @@ class ShardStream(IterableDataset):
                 if not c.live:
                     self._go_live(i, c, c.shuffle.buf if c.shuffle is not None else [])
         epoch, batch = self.state.epoch, []
+        repeated = self.state.repeated.get(worker, 0)
         while made < self.batches_per_worker:
             t = next(raw)
-            slot = ctxs[t[0]].store.pop(t)
             pos += 1
-            self.skipped.update(slot.pop("__skipped__", {}))
-            if slot.pop("__drop__", False):
-                continue
-            sample = self.decode(slot)
+            sample = self._take(t, ctxs)
             if sample is None:
                 continue
-            ctxs[t[0]].usable += 1
+            repeated += t[1] > 0
             with seeded(sample_seed(self.seed, epoch, self.rank, worker, pos)):
                 sample["image"] = self.transform(sample["image"])
             batch.append(sample)
             if len(batch) == self.batch_size:
                 made += 1
+                if made == self.batches_per_worker and self.finish_pass:
+                    self._finish_first_pass(ctxs)  # before collate: the last batch carries the full counts
                 out = self.collate(batch)
                 out["stream"] = torch.tensor([epoch, worker, pos, made])
+                out["worker"], out["repeated"] = worker, repeated
                 yield out
                 batch = []
+
+    def _take(self, t: Token, ctxs: list[_Ctx]) -> Raw | None:
+        """The decoded sample of token ``t``, or None (skipped). Skips count in the first pass only: a later
+        pass re-reads samples this worker has counted already (its count would depend on the worker count)."""
+        ctx = ctxs[t[0]]
+        slot = ctx.store.pop(t)
+        ctx.last = t
+        if t[1] == 0:
+            self.skipped.update(slot.pop("__skipped__", {}))
+            sample = None if slot.pop("__drop__", False) else self.decode(slot)
+        else:
+            before = self.skipped.copy()
+            sample = None if slot.get("__drop__") else self.decode(slot)
+            self.skipped.clear()  # in place: the decoder holds this counter
+            self.skipped.update(before)
+        ctx.usable += sample is not None
+        return sample
+
+    def _first_pass_over(self, ctx: _Ctx) -> bool:
+        t = ctx.last
+        if t is None:
+            return False
+        if t[1] > 0:
+            return True
+        if self.shuffle_buffer and ctx.shuffle is not None:
+            return ctx.shuffle.flushing and not ctx.shuffle.buf
+        if not ctx.parts:
+            return True
+        p = t[2]
+        return p == len(ctx.parts) - 1 and t[3] + ctx.parts[p].stride >= self._count(ctx.parts[p])
+
+    def _finish_first_pass(self, ctxs: list[_Ctx]) -> int:
+        """Decode (no transform) what is left of each source's first pass once the worker's batches are made,
+        so each bad sample of the epoch is counted once whatever the worker count; returns the usable samples
+        so passed over. Only when the epoch covers the data (``finish_pass``): then this is a small tail."""
+        dropped = 0
+        for ctx in ctxs:
+            while ctx.stream is not None and not self._first_pass_over(ctx):
+                t = next(ctx.stream)
+                if t[1] > 0:  # the pass had ended with the last token taken
+                    ctx.store.pop(t, None)
+                    break
+                dropped += self._take(t, ctxs) is not None
+        return dropped
