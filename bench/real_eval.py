@@ -26,6 +26,7 @@ class PooledFeatures(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.image_tower = model.image_tower
+        self.embed_dim = int(model.image_tower.output_dim)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_tower(images), dim=-1)

@@ -205,25 +205,30 @@ def main() -> None:
         result_path.write_text(json.dumps(result, indent=1))
         print(name, json.dumps(entry), flush=True)
 
+    def want(row: str, seed: int) -> bool:  # rows already in the JSON are kept (rerun with another --json)
+        return row in rows_wanted and not any(r.get("seed") == seed for r in runs.get(row, []))
+
     for seed in a.seeds:
         de, oc = make_init(CONFIG, seed, out, s)
         if "baselines" in rows_wanted and seed == a.seeds[0]:
             init = load_trained(de, "")
-            record("untrained", {"seed": seed, **evaluate_model(init, ev)})
-            record("frozen_features", {"seed": seed, **evaluate_model(PooledFeatures(init), ev, zeroshot=False)})
-        if "lit" in rows_wanted:
+            if not runs.get("untrained"):
+                record("untrained", {"seed": seed, **evaluate_model(init, ev)})
+            if not runs.get("frozen_features"):
+                record("frozen_features", {"seed": seed, **evaluate_model(PooledFeatures(init), ev, zeroshot=False)})
+        if want("lit", seed):
             r = fit_dualenc(CONFIG, seed, de, out / f"lit_{seed}", s, out / "feature_cache", [])
             record("lit", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
-        if "lit_nocache" in rows_wanted and seed in a.seeds[: a.nocache_seeds]:
+        if want("lit_nocache", seed) and seed in a.seeds[: a.nocache_seeds]:
             r = fit_dualenc(CONFIG, seed, de, out / f"lit_nocache_{seed}", s, None, [])
             record("lit_nocache", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
-        if "open_clip_lit" in rows_wanted:
+        if want("open_clip_lit", seed):
             r = fit_open_clip(seed, oc, out / f"open_clip_lit_{seed}", s, shards, samples, finetune=False)
             record("open_clip_lit", {"seed": seed, **r, **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
-        if "finetune" in rows_wanted:
+        if want("finetune", seed):
             r = fit_dualenc(FINETUNE, seed, de, out / f"finetune_{seed}", s_ft, None, ["--data.hflip", "0"])
             record("finetune", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
-        if "open_clip_finetune" in rows_wanted:
+        if want("open_clip_finetune", seed):
             r = fit_open_clip(seed, oc, out / f"open_clip_finetune_{seed}", s_ft, shards, samples, finetune=True)
             record("open_clip_finetune", {"seed": seed, **r,
                                           **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
