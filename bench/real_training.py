@@ -176,7 +176,8 @@ def main() -> None:
                    help="LiT rows: the text tower's last N layers train (0: locked, as configs/real; -1: all train)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", default="baselines,lit,lit_nocache,open_clip_lit",
-                   help="comma list of: baselines, lit, lit_nocache, open_clip_lit, finetune, open_clip_finetune")
+                   help="comma list of: baselines, lit, lit_nocache, lit_augment, open_clip_lit, finetune, "
+                        "open_clip_finetune")
     p.add_argument("--nocache-seeds", type=int, default=1, help="seeds for lit_nocache (a speed row)")
     p.add_argument("--json", default="bench/results/real_training_cpu.json")
     a = p.parse_args()
@@ -222,6 +223,12 @@ def main() -> None:
         if want("lit_nocache", seed) and seed in a.seeds[: a.nocache_seeds]:
             r = fit_dualenc(CONFIG, seed, de, out / f"lit_nocache_{seed}", s, None, [])
             record("lit_nocache", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
+        if want("lit_augment", seed) and seed in a.seeds[: a.nocache_seeds]:
+            # The cache's trade-off: random crops make every view new, so the image tower runs every step.
+            r = fit_dualenc(CONFIG, seed, de, out / f"lit_augment_{seed}", s, out / "feature_cache",
+                            ["--data.augment", "true", "--data.crop_scale", "[0.8, 1.0]", "--data.hflip", "0.5",
+                             "--model.image_feature_cache", "null"])
+            record("lit_augment", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
         if want("open_clip_lit", seed):
             r = fit_open_clip(seed, oc, out / f"open_clip_lit_{seed}", s, shards, samples, finetune=False)
             record("open_clip_lit", {"seed": seed, **r, **evaluate_model(load_trained(de, r["checkpoint"]), ev)})

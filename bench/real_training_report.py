@@ -20,6 +20,7 @@ from typing import Any
 ROWS = [("chance", "chance"), ("untrained", "untrained (random projections)"),
         ("frozen_features", "frozen pretrained features (no projection)"),
         ("lit", "**dualenc** LiT, cached towers"), ("lit_nocache", "**dualenc** LiT, no cache"),
+        ("lit_augment", "**dualenc** LiT, random crops + flips (image cache off)"),
         ("open_clip_lit", "**open_clip** LiT"), ("finetune", "**dualenc** full fine-tuning"),
         ("open_clip_finetune", "**open_clip** full fine-tuning")]
 COLS = [("zeroshot_all.top1", "zero-shot all (10)"), ("zeroshot_seen.top1", "seen (7)"),
