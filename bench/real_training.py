@@ -101,7 +101,7 @@ def fit_dualenc(config: Path, seed: int, init: Path, root: Path, s: dict[str, An
 
 
 def fit_open_clip(seed: int, init: Path, root: Path, s: dict[str, Any], shards: str, samples: int,
-                  finetune: bool) -> dict[str, Any]:
+                  finetune: bool, freeze_bn: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "bench" / "open_clip_train_run.py"), "--model", f"local-dir:{init}",
            "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(samples),
            "--batch-size", str(s["batch"]), "--epochs", str(s["epochs"]), "--lr", str(s["lr"]),
@@ -112,8 +112,13 @@ def fit_open_clip(seed: int, init: Path, root: Path, s: dict[str, Any], shards: 
            "--save-frequency", str(s["epochs"]), "--log-every-n-steps", "7", "--report-to", ""]
     # open_clip's only training transform is a random resized crop: scale 1.0 makes it (nearly) the whole
     # image, as dualenc's augment: false; fine-tuning gives both the same crop range and no flip.
-    cmd += ["--aug-cfg", "scale=(0.8, 1.0)"] if finetune else ["--lock-image", "--lock-image-freeze-bn-stats",
-                                                               "--aug-cfg", "scale=(1.0, 1.0)"]
+    # Not --lock-image-freeze-bn-stats: open_clip 3.3's own freeze_batch_norm_2d turns timm's BatchNormAct2d into
+    # a plain FrozenBatchNorm2d, dropping the activation (EfficientNet's ReLU6): the locked tower's features change
+    # (max |diff| 0.26 after normalization) and training collapses to chance (row open_clip_lit_freeze_bn). Its
+    # default keeps the weights locked and batch norm in train mode (batch statistics, running stats updated).
+    cmd += ["--aug-cfg", "scale=(0.8, 1.0)"] if finetune else ["--lock-image", "--aug-cfg", "scale=(1.0, 1.0)"]
+    if freeze_bn:
+        cmd += ["--lock-image-freeze-bn-stats"]
     if s["unlocked_text_layers"] is not None:
         # open_clip 3.3's partial unlock has no layer list for BERT (KeyError 'layer_attr'): only full locks.
         if s["unlocked_text_layers"]:
@@ -176,9 +181,9 @@ def main() -> None:
                    help="LiT rows: the text tower's last N layers train (0: locked, as configs/real; -1: all train)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", default="baselines,lit,lit_nocache,open_clip_lit",
-                   help="comma list of: baselines, lit, lit_nocache, lit_augment, open_clip_lit, finetune, "
-                        "open_clip_finetune")
-    p.add_argument("--nocache-seeds", type=int, default=1, help="seeds for lit_nocache (a speed row)")
+                   help="comma list of: baselines, lit, lit_nocache, lit_augment, open_clip_lit, "
+                        "open_clip_lit_freeze_bn, finetune, open_clip_finetune")
+    p.add_argument("--nocache-seeds", type=int, default=3, help="seeds for lit_nocache and lit_augment")
     p.add_argument("--json", default="bench/results/real_training_cpu.json")
     a = p.parse_args()
     from real_eval import PooledFeatures, evaluate_model
@@ -232,6 +237,11 @@ def main() -> None:
         if want("open_clip_lit", seed):
             r = fit_open_clip(seed, oc, out / f"open_clip_lit_{seed}", s, shards, samples, finetune=False)
             record("open_clip_lit", {"seed": seed, **r, **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
+        if want("open_clip_lit_freeze_bn", seed):
+            r = fit_open_clip(seed, oc, out / f"open_clip_lit_freeze_bn_{seed}", s, shards, samples, finetune=False,
+                              freeze_bn=True)
+            record("open_clip_lit_freeze_bn", {"seed": seed, **r,
+                                               **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
         if want("finetune", seed):
             r = fit_dualenc(FINETUNE, seed, de, out / f"finetune_{seed}", s_ft, None, ["--data.hflip", "0"])
             record("finetune", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})
