@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def fit_dualenc(config: Path, seed: int, init: Path, root: Path, s: dict[str, An
            "--model.model.init_from", str(init), "--trainer.default_root_dir", str(root), *dualenc_args(s),
            "--model.image_feature_cache", str(cache) if cache else "null",
            "--model.text_feature_cache", str(cache) if cache and s["unlocked_text_layers"] == 0 else "null", *extra]
+    shutil.rmtree(root, ignore_errors=True)  # a rerun's logs must not be read from an earlier run's folder
     wall = run(cmd, root.with_suffix(".log"))
     rates = [float(r["train/samples_per_sec"]) for r in csv.DictReader(open(next(root.rglob("metrics.csv"))))
              if r.get("train/samples_per_sec")]
@@ -101,7 +103,7 @@ def fit_dualenc(config: Path, seed: int, init: Path, root: Path, s: dict[str, An
 
 
 def fit_open_clip(seed: int, init: Path, root: Path, s: dict[str, Any], shards: str, samples: int,
-                  finetune: bool, freeze_bn: bool = False) -> dict[str, Any]:
+                  finetune: bool, freeze_bn: bool = False, timm_freeze: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "bench" / "open_clip_train_run.py"), "--model", f"local-dir:{init}",
            "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(samples),
            "--batch-size", str(s["batch"]), "--epochs", str(s["epochs"]), "--lr", str(s["lr"]),
@@ -125,7 +127,8 @@ def fit_open_clip(seed: int, init: Path, root: Path, s: dict[str, Any], shards: 
             raise SystemExit("open_clip cannot unlock the last layers of a BERT-family text tower; use "
                              "--unlocked-text-layers 0 (locked) or leave it unset (trained)")
         cmd += ["--lock-text", "--lock-text-freeze-layer-norm"]
-    wall = run(cmd, root.with_suffix(".log"))
+    shutil.rmtree(root, ignore_errors=True)  # open_clip refuses an existing experiment folder
+    wall = run(cmd, root.with_suffix(".log"), env={"OPEN_CLIP_TIMM_BN_FREEZE": "1" if timm_freeze else "0"})
     text = (root / "out.log").read_text()
     batch_t = [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
     rates = [s["batch"] / t for t in batch_t]
@@ -182,7 +185,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rows", default="baselines,lit,lit_nocache,open_clip_lit",
                    help="comma list of: baselines, lit, lit_nocache, lit_augment, open_clip_lit, "
-                        "open_clip_lit_freeze_bn, finetune, open_clip_finetune")
+                        "open_clip_lit_freeze_bn, open_clip_lit_timm_bn, finetune, open_clip_finetune")
     p.add_argument("--nocache-seeds", type=int, default=3, help="seeds for lit_nocache and lit_augment")
     p.add_argument("--json", default="bench/results/real_training_cpu.json")
     a = p.parse_args()
@@ -242,6 +245,11 @@ def main() -> None:
                               freeze_bn=True)
             record("open_clip_lit_freeze_bn", {"seed": seed, **r,
                                                **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
+        if want("open_clip_lit_timm_bn", seed):  # open_clip's loop with its BN freezing fixed: the loop alone
+            r = fit_open_clip(seed, oc, out / f"open_clip_lit_timm_bn_{seed}", s, shards, samples, finetune=False,
+                              freeze_bn=True, timm_freeze=True)
+            record("open_clip_lit_timm_bn", {"seed": seed, **r,
+                                             **evaluate_model(load_trained(de, r["checkpoint"]), ev)})
         if want("finetune", seed):
             r = fit_dualenc(FINETUNE, seed, de, out / f"finetune_{seed}", s_ft, None, ["--data.hflip", "0"])
             record("finetune", {"seed": seed, **r, **evaluate_model(load_trained(Path(r["model"]), ""), ev)})

@@ -22,7 +22,8 @@ ROWS = [("chance", "chance"), ("untrained", "untrained (random projections)"),
         ("lit", "**dualenc** LiT, cached towers"), ("lit_nocache", "**dualenc** LiT, no cache"),
         ("lit_augment", "**dualenc** LiT, random crops + flips (image cache off)"),
         ("open_clip_lit", "**open_clip** LiT (`--lock-image`)"),
-        ("open_clip_lit_freeze_bn", "open_clip LiT with `--lock-image-freeze-bn-stats` (drops BN's activation)"), ("finetune", "**dualenc** full fine-tuning"),
+        ("open_clip_lit_freeze_bn", "open_clip LiT with `--lock-image-freeze-bn-stats` (drops BN's activation)"),
+        ("open_clip_lit_timm_bn", "open_clip LiT, BN frozen by timm's function (patched)"), ("finetune", "**dualenc** full fine-tuning"),
         ("open_clip_finetune", "**open_clip** full fine-tuning")]
 COLS = [("zeroshot_all.top1", "zero-shot all (10)"), ("zeroshot_seen.top1", "seen (7)"),
         ("zeroshot_unseen.top1", "unseen (3)"), ("probe.top1", "linear probe"), ("knn.top1@1", "kNN R@1"),
@@ -52,7 +53,7 @@ def table(result: dict[str, Any]) -> str:
 
 def dualenc_curve(root: Path) -> list[tuple[int, float]]:
     out = []
-    for r in csv.DictReader(open(next(root.rglob("metrics.csv")))):
+    for r in csv.DictReader(open(max(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime))):
         if r.get("train/loss"):
             out.append((int(r["step"]), float(r["train/loss"])))
     return out
