@@ -41,22 +41,29 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
+def _listed_counts(urls: list[str], file: str) -> list[tuple[Path | None, int | None]]:
+    """Each local shard's count in the JSON ``file`` beside it (read once per folder), with its path."""
+    tables: dict[Path, dict[str, int]] = {}
+    out: list[tuple[Path | None, int | None]] = []
+    for url in urls:
+        if url.startswith(REMOTE_PREFIXES):
+            out.append((None, None))
+            continue
+        path = Path(url)
+        if path.parent not in tables:
+            f = path.parent / file
+            tables[path.parent] = json.loads(f.read_text()) if f.is_file() else {}
+        n = tables[path.parent].get(path.name)
+        out.append((path, None if n is None else int(n)))
+    return out
+
+
 def shard_counts(urls: list[str]) -> list[int | None]:
     """Each shard's sample count, from ``sizes.json`` beside it or img2dataset's ``NNNNN_stats.json``
     (``successes``); None where neither says (remote shards, hand-made tars)."""
-    sizes: dict[str, dict[str, int]] = {}
     out: list[int | None] = []
-    for url in urls:
-        if url.startswith(REMOTE_PREFIXES):
-            out.append(None)
-            continue
-        path = Path(url)
-        folder = str(path.parent)
-        if folder not in sizes:
-            f = Path(folder) / "sizes.json"
-            sizes[folder] = json.loads(f.read_text()) if f.is_file() else {}
-        n = sizes[folder].get(path.name)
-        if n is None:
+    for path, n in _listed_counts(urls, "sizes.json"):
+        if n is None and path is not None:
             stats = path.with_name(path.name.split(".")[0] + "_stats.json")
             n = json.loads(stats.read_text()).get("successes") if stats.is_file() else None
         out.append(None if n is None else int(n))
@@ -66,20 +73,7 @@ def shard_counts(urls: list[str]) -> list[int | None]:
 def usable_counts(urls: list[str]) -> list[int | None]:
     """Each shard's usable samples (those training's decoder accepts), from the ``usable.json`` that
     ``dualenc-data stats`` writes beside the shards; None where it does not say."""
-    files: dict[str, dict[str, int]] = {}
-    out: list[int | None] = []
-    for url in urls:
-        if url.startswith(REMOTE_PREFIXES):
-            out.append(None)
-            continue
-        path = Path(url)
-        folder = str(path.parent)
-        if folder not in files:
-            f = Path(folder) / USABLE_FILE
-            files[folder] = json.loads(f.read_text()) if f.is_file() else {}
-        n = files[folder].get(path.name)
-        out.append(None if n is None else int(n))
-    return out
+    return [n for _, n in _listed_counts(urls, USABLE_FILE)]
 
 
 def count_samples(urls: list[str]) -> int | None:
