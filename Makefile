@@ -22,7 +22,7 @@ install: $(STAMP)
 # Real towers on real images: ImageNet EfficientNet-Lite0 + MiniLM (both from packages, locked and cached:
 # LiT), trained on the shipped 3,000-image Fashion-MNIST subset with noisy alt-text, then zero-shot on the
 # three classes never captioned in training. SOURCE=fashion-mnist uses all 70,000 (apt-get install
-# dataset-fashion-mnist). About 4 minutes on 2 CPU cores.
+# dataset-fashion-mnist). Under 10 minutes on 2 CPU cores (8 with other work beside it, 8 epochs).
 demo: install
 	$(BIN)/dualenc-data real --source $(SOURCE) --out $(REAL) --overwrite
 	$(BIN)/dualenc fit --config configs/real/lit_lite0_minilm.yaml --data.train $(REAL)/train \
