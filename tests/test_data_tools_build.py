@@ -7,11 +7,12 @@ import io
 import json
 import os
 import sys
-import tarfile
 import types
 from pathlib import Path
 
 import pytest
+
+from tests_helpers import read_samples
 from PIL import Image
 
 from dualenc.data_tools import build, cli
@@ -25,14 +26,6 @@ def encode(size: tuple[int, int], fmt: str, color: tuple[int, int, int] = (200, 
     return buf.getvalue()
 
 
-def read_samples(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def _noise_jpeg() -> bytes:

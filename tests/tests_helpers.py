@@ -124,3 +124,16 @@ def tiny_hf_clip_dir(root: Path, tokenizer_src: str | Path) -> Path:
     CLIPModel(config).eval().save_pretrained(path)
     copy_tokenizer(tokenizer_src, path)
     return path
+
+
+def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every member of the shards in ``folder``, as ``{key: {ext: bytes}}``."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
